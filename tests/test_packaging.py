@@ -1,0 +1,31 @@
+"""The hand-written package list in pyproject.toml covers every package in the tree."""
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_package_is_listed_in_pyproject():
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(cfg["packages"])
+    on_disk = {
+        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "swiftkv_train").rglob("__init__.py")
+    }
+    assert on_disk <= listed, f"add to [tool.setuptools] packages: {sorted(on_disk - listed)}"
+    assert cfg["package-dir"]["swiftkv_kernels"] == "kernels" and "swiftkv_kernels" in listed
+
+
+def test_kernels_folder_is_installed_as_swiftkv_kernels_only(tmp_path):
+    # From another directory (the repo root is not on sys.path), as an installed package is used.
+    code = (
+        "import importlib.util as u, pathlib as p;"
+        "s = u.find_spec('swiftkv_kernels'); k = u.find_spec('kernels');"
+        "print(p.Path(s.origin).parent); print(None if k is None else k.origin)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    kernels_dir, shadow = out.stdout.split("\n")[:2]
+    assert Path(kernels_dir) == ROOT / "kernels"
+    assert shadow == "None" or not shadow.startswith(str(ROOT))
