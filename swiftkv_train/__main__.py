@@ -1,57 +1,46 @@
-"""`python -m swiftkv_train`: convert the embedded default model to SwiftKV and compare it with the original.
+"""`python -m swiftkv_train [recipe=<name>] [key=value ...]`: train with a Hydra recipe.
 
-(The distillation trainer takes over this entry point once it lands.)
+With no arguments it runs the embedded default (recipe smollm2_swiftkv: real SmolLM2-135M-Instruct, GSM8K shipped
+in the package, a few dozen steps on CPU) and prints the teacher-fidelity numbers before and after distillation.
+Works the same under torchrun, srun and the Hydra submitit launcher.
 """
 
-import argparse
-import time
+import sys
 
-import torch
+import hydra
 
-from .metrics import FidelityAccumulator, next_token_targets
-from .models import load_pretrained
-from .transform import to_swiftkv
+from .config import register_schemas
+from .launch import strip_launcher_args
 
-QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "What is 12 times 3?"]
+register_schemas()
 
 
-def chat_ids(tokenizer, question):
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                         tokenize=False)
-    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+def print_report(summary: dict) -> None:
+    evals = summary.get("evals", {})
+    if "start" not in evals or "end" not in evals:
+        return
+    print("\nteacher fidelity on the held-out split (assistant tokens):")
+    print(f"{'':8s} {'KL':>8s} {'top-1':>7s} {'ppl student':>12s} {'ppl teacher':>12s}")
+    for when in ("start", "end"):
+        s = evals[when]
+        print(f"{when:8s} {s['kl']:8.4f} {s['top1']:7.3f} {s['ppl_student']:12.2f} {s['ppl_teacher']:12.2f}")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--num-key-value-layers", type=int, default=15)
-    parser.add_argument("--key-value-group-size", type=int, default=1)
-    args = parser.parse_args(argv)
+@hydra.main(config_path="pkg://swiftkv_train.recipes", config_name="config", version_base="1.3")
+def main(cfg) -> None:
+    from .launch import is_rank0
+    from .train.trainer import run_training
 
-    model, tok = load_pretrained(args.model)
-    student = to_swiftkv(model, args.num_key_value_layers, args.key_value_group_size)
-    print(f"{args.model}: {model.config.num_hidden_layers} layers -> SwiftKV M={args.num_key_value_layers}, "
-          f"g={args.key_value_group_size}")
-    fidelity = FidelityAccumulator()
-    for question in QUESTIONS:
-        ids = chat_ids(tok, question)
-        with torch.no_grad():
-            answers = {}
-            for name, enabled in (("teacher", False), ("student", True)):
-                start = time.perf_counter()
-                out = student.swiftkv(enabled).generate(ids, max_new_tokens=24, do_sample=False)
-                answers[name] = (tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), time.perf_counter() - start)
-            full = answers["teacher"][0]
-            seq = tok(tok.apply_chat_template([{"role": "user", "content": question}, {"role": "assistant", "content": full}],
-                                              tokenize=False), return_tensors="pt", add_special_tokens=False).input_ids
-            fidelity.update(student.swiftkv(False)(seq).logits, student.swiftkv(True)(seq).logits, next_token_targets(seq))
-        print(f"\nQ: {question}")
-        for name, (text, seconds) in answers.items():
-            print(f"  {name:8s} ({seconds:4.1f} s): {text!r}")
-    stats = fidelity.compute()
-    print(f"\nfidelity to the teacher before distillation: KL {stats['kl']:.3f} nats/token, "
-          f"top-1 agreement {stats['top1']:.2f}, ppl teacher {stats['ppl_teacher']:.1f} / student {stats['ppl_student']:.1f}")
+    summary = run_training(cfg)
+    if is_rank0():
+        print_report(summary)
+
+
+def cli() -> None:
+    # Launchers may inject --local_rank=N, which Hydra would take for a (broken) override.
+    sys.argv = [sys.argv[0], *strip_launcher_args(sys.argv[1:])]
+    main()
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -32,10 +32,27 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def _byte_level_chars() -> list[str]:
+    """The printable character ByteLevel uses for each byte value 0..255, in byte order (token id = byte value).
+
+    Printable Latin-1 bytes stand for themselves; the others are shifted past 255, as the ByteLevel
+    pre-tokenizer does. Built in byte order so that ids are the same in every process.
+    """
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), 256))
+    chars, shifted = [], 0
+    for byte in range(256):
+        if byte in printable:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(256 + shifted))
+            shifted += 1
+    assert set(chars) == set(pre_tokenizers.ByteLevel.alphabet())
+    return chars
+
+
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer (256 byte tokens + ChatML specials) with a chat template."""
-    byte_vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    byte_vocab = {ch: i for i, ch in enumerate(sorted(byte_vocab, key=lambda c: byte_vocab[c]))}
+    byte_vocab = {ch: byte for byte, ch in enumerate(_byte_level_chars())}
     for tok in SPECIAL_TOKENS:
         byte_vocab[tok] = len(byte_vocab)
     tok = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))

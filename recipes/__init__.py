@@ -1,0 +1,1 @@
+"""Hydra recipes, installed as swiftkv_train.recipes."""

@@ -1,0 +1,148 @@
+"""The run configuration: dataclass schemas registered in Hydra's ConfigStore.
+
+Every recipe and override is merged into these schemas in struct mode, so a typo or a wrong type fails at start
+with the key name, before any model is loaded. Nothing here has side effects beyond registering the schemas.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from .data.config import DataConfig
+
+
+@dataclass
+class ModelConfig:
+    # Anything load_pretrained accepts: local dir, Hub id, .gguf, smollm2-135m-instruct, random:<preset>.
+    spec: str = MISSING
+    # auto = bf16 on CUDA, fp32 on CPU. The frozen weights are held in this dtype.
+    dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class SwiftKVConfig:
+    # M: later layers take K/V from the input of layer M. None = half of the layers.
+    num_key_value_layers: int | None = None
+    # g: AcrossKV group size (consecutive later layers sharing one K/V cache entry).
+    key_value_group_size: int = 1
+    # Forward KL(teacher || student) at temperature T, scaled by T^2, on the masked (assistant) tokens.
+    temperature: float = 2.0
+    kl_weight: float = 1.0
+    # "mean": over masked tokens; "batchmean_all": over all B*S positions (the ArcticTraining convention).
+    kl_reduction: str = "mean"
+    # MSE between student and teacher hidden states (transformers' hidden_states index; -2 = input of the last
+    # layer), weighted; 0 disables it.
+    hidden_loss_weight: float = 1.0
+    hidden_loss_layer: int = -2
+    # The student reuses the teacher's h_M instead of recomputing layers < M (identical result, less compute).
+    reuse_teacher_prefix: bool = True
+    # Activation checkpointing of the student's later layers (the only layers with gradients).
+    gradient_checkpointing: bool = True
+
+
+@dataclass
+class TransformConfig:
+    # Which transformation trains; each has its own section below.
+    name: str = "swiftkv"
+    swiftkv: SwiftKVConfig = field(default_factory=SwiftKVConfig)
+
+
+@dataclass
+class TrainerConfig:
+    seed: int = 42
+    micro_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    # Length of training: max_steps > 0 wins over epochs.
+    epochs: float = 1.0
+    max_steps: int = 0
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    # linear | cosine | constant, each after a linear warm-up over warmup_ratio of the steps.
+    lr_schedule: str = "linear"
+    warmup_ratio: float = 0.05
+    grad_clip: float = 1.0
+    # auto = bf16 on CUDA, fp32 on CPU.
+    precision: str = "auto"
+    # Held-out evaluation every eval_every optimizer steps (0 = only at start/end), on at most eval_batches.
+    eval_every: int = 0
+    eval_batches: int = 16
+    eval_at_start: bool = True
+    # Checkpoint every save_every steps (0 = only at the end); keep the newest keep_checkpoints.
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    # auto: continue from the newest complete checkpoint of this run dir; none: start fresh; or a checkpoint path.
+    resume: str = "auto"
+    # lean | full | both | none: HF exports written at the end (export/lean, export/full).
+    export: str = "both"
+    # Tokens per chunk of the logits loss (bounds the [chunk, V] logits held at once).
+    loss_chunk_size: int = 1024
+    # Stop (as if interrupted) after this many steps of this process: for resume tests. 0 = never.
+    stop_after_steps: int = 0
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    overlap_comm: bool = True
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    # Any further DeepSpeed config keys, merged last.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LauncherConfig:
+    # local | torchrun | slurm: how the processes were started (the environment is read either way).
+    name: str = "local"
+    # auto = nccl on CUDA, gloo on CPU.
+    backend: str = "auto"
+    init_timeout_minutes: int = 30
+
+
+@dataclass
+class LoggerConfig:
+    log_every: int = 1
+    # disabled | offline | online. Only rank 0 talks to wandb; a wandb failure never stops training.
+    wandb_mode: str = "disabled"
+    wandb_project: str = "swiftkv_train"
+    wandb_entity: str | None = None
+    # auto: a progress bar on a TTY, plain lines otherwise.
+    progress: str = "auto"
+
+
+@dataclass
+class RunConfig:
+    # The recipe name (set by each recipe file); runs/<run_name> holds everything a run writes.
+    recipe: str = "custom"
+    run_name: str = "${recipe}"
+    run_dir: str = "runs/${run_name}"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def register_schemas() -> None:
+    """Register the root schema (``base_config``) and one schema per config group."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=RunConfig)
+    for group, node in (
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("transform", TransformConfig),
+        ("trainer", TrainerConfig),
+        ("deepspeed", DeepSpeedConfig),
+        ("launcher", LauncherConfig),
+        ("logger", LoggerConfig),
+    ):
+        cs.store(group=group, name=f"base_{group}", node=node)

@@ -1,0 +1,318 @@
+"""The one training loop, shared by every transformation.
+
+Set-up order: validate config -> distributed init -> load model -> build student (transformation) -> data ->
+DeepSpeed engine -> resume. Then: eval at start, train (log, eval every N, checkpoint every N), eval at end,
+final checkpoint, exports with a model card, summary.json.
+"""
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from ..data import build_datasets, make_dataloader
+from ..errors import SwiftKVInputError
+from ..export import save_hf
+from ..launch import barrier, init_distributed
+from ..metrics import FidelityAccumulator, next_token_targets
+from ..models import load_pretrained
+from ..transformations import build_transformation
+from ..transformations.swiftkv import gathered
+from . import checkpointing
+from .deepspeed_config import build_deepspeed_config
+from .model_card import render_model_card
+from .run_logger import RunLogger, mfu
+from .schedule import lr_lambda
+
+log = logging.getLogger(__name__)
+
+# bf16 dense peak of the GPUs we measure on (for MFU); unknown devices report no MFU.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+EXPORTS = ("lean", "full", "both", "none")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def validate_run_config(cfg) -> None:
+    """Cheap checks with messages that name the field, before anything heavy happens."""
+    t = cfg.trainer
+    for name in ("micro_batch_size", "gradient_accumulation_steps"):
+        if getattr(t, name) < 1:
+            raise SwiftKVInputError(f"trainer.{name}={getattr(t, name)} must be >= 1.")
+    if t.max_steps <= 0 and t.epochs <= 0:
+        raise SwiftKVInputError("set trainer.max_steps > 0 or trainer.epochs > 0: the run has no steps.")
+    if t.lr <= 0:
+        raise SwiftKVInputError(f"trainer.lr={t.lr} must be > 0.")
+    if t.export not in EXPORTS:
+        raise SwiftKVInputError(f"trainer.export={t.export!r}: use one of {', '.join(EXPORTS)}.")
+    if t.precision not in ("auto", "bf16", "fp32"):
+        raise SwiftKVInputError(f"trainer.precision={t.precision!r}: use auto, bf16 or fp32.")
+    if len(t.betas) != 2:
+        raise SwiftKVInputError(f"trainer.betas={list(t.betas)} must have two values.")
+    lr_lambda(t.lr_schedule, 1, t.warmup_ratio)  # validates schedule and warm-up
+    if cfg.logger.wandb_mode not in ("disabled", "offline", "online"):
+        raise SwiftKVInputError(f"logger.wandb_mode={cfg.logger.wandb_mode!r}: use disabled, offline or online.")
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class Trainer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+
+    # ---- set-up ----------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        validate_run_config(cfg)
+        self.rank, self.world_size, local_rank = init_distributed(
+            None if cfg.launcher.backend == "auto" else cfg.launcher.backend,
+            timeout_s=cfg.launcher.init_timeout_minutes * 60,
+        )
+        self.device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        precision = cfg.trainer.precision
+        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        logging.basicConfig(level=logging.INFO if self.rank == 0 else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        seed_everything(cfg.trainer.seed)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        barrier()
+
+        self.transformation = build_transformation(cfg.transform, cfg)
+        dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+        dtype = dtype or (torch.bfloat16 if self.bf16 else torch.float32)
+        model, self.tokenizer = load_pretrained(cfg.model.spec, dtype=dtype,
+                                                attn_implementation=cfg.model.attn_implementation)
+        if self.tokenizer is None:
+            raise SwiftKVInputError(f"model {cfg.model.spec!r} has no tokenizer: training data needs its chat template.")
+        self.base_model_name = cfg.model.spec
+        student = self.transformation.build_student(model.to(self.device))
+        del model  # the student shares its frozen tensors
+
+        self.train_set, self.eval_set = build_datasets(cfg.data, self.tokenizer)
+        t = cfg.trainer
+        probe = make_dataloader(self.train_set, t.micro_batch_size, cfg.data.seed, self.rank, self.world_size)
+        self.micro_per_epoch = probe.batch_sampler.steps_per_epoch
+        steps_per_epoch = self.micro_per_epoch // t.gradient_accumulation_steps
+        if steps_per_epoch == 0 and t.max_steps <= 0:
+            raise SwiftKVInputError("one epoch has fewer micro-batches than trainer.gradient_accumulation_steps.")
+        self.total_steps = t.max_steps if t.max_steps > 0 else max(1, math.floor(t.epochs * steps_per_epoch))
+
+        trainable = self.transformation.trainable_parameters(student)
+        if not trainable:
+            raise SwiftKVInputError("the transformation left no trainable parameter: nothing to train.")
+        params = [p for _, p in trainable]
+        self.num_trainable = sum(p.numel() for p in params)
+        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                                      fused=self.device.type == "cuda")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.lr_schedule, self.total_steps,
+                                                                           t.warmup_ratio))
+        import deepspeed
+
+        ds_config = build_deepspeed_config(t, cfg.deepspeed, self.bf16)
+        self.engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=ds_config)
+        inner = self.engine.module.model
+        # DeepSpeed casts buffers with the weights under bf16; RoPE frequencies must stay fp32.
+        inner.rotary_emb = type(inner.rotary_emb)(config=self.engine.module.config).to(self.device)
+
+        self.step, self.micro_step, self.evals = 0, 0, {}
+        self._resume()
+        peak = _peak_flops(self.device)
+        flops_fn = getattr(self.transformation, "flops_per_token", None)
+        self.flops_per_token = flops_fn(self.engine.module.config, cfg.data.max_length) if flops_fn else None
+        self.peak_flops = peak * self.world_size if peak else None
+        log.info("run dir %s | %d rank(s) on %s | %s params trainable | %d optimizer steps",
+                 self.run_dir, self.world_size, self.device, f"{self.num_trainable:,}", self.total_steps)
+
+    def _resume(self) -> None:
+        resume = self.cfg.trainer.resume
+        if resume == "none":
+            return
+        path = checkpointing.latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            return
+        if not (path / checkpointing.COMPLETE).is_file():
+            raise SwiftKVInputError(f"trainer.resume={resume!r}: {path} is not a complete checkpoint.")
+        state = checkpointing.load_checkpoint(self.engine, path)
+        self.step, self.micro_step, self.evals = state["step"], state["micro_step"], state.get("evals", {})
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ---- evaluation ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict | None:
+        if self.eval_set is None or len(self.eval_set) == 0:
+            return None
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        loader = make_dataloader(self.eval_set, self.cfg.trainer.micro_batch_size, 0, self.rank, self.world_size,
+                                 shuffle=False, drop_last=False)
+        acc = FidelityAccumulator(chunk_size=self.cfg.trainer.loss_chunk_size)
+        weight = module.lm_head.weight
+        for i, batch in enumerate(loader):
+            if i >= self.cfg.trainer.eval_batches:
+                break
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            pair = self.transformation.teacher_and_student_hidden(module, batch)
+            if pair is None:
+                return None
+            with gathered(weight):
+                acc.update_from_hidden(pair[0], pair[1], weight, next_token_targets(batch["input_ids"],
+                                                                                     batch["labels"]))
+        if self.world_size > 1:
+            sums = acc.to_tensor().to(self.device)
+            torch.distributed.all_reduce(sums)
+            acc = FidelityAccumulator.from_tensor(sums.cpu())
+        module.train(was_training)
+        return acc.compute()
+
+    # ---- training --------------------------------------------------------------------------------------------
+    def _batches(self):
+        """Micro-batches from the current data position on, epoch after epoch."""
+        t = self.cfg.trainer
+        while True:
+            epoch, start = divmod(self.micro_step, self.micro_per_epoch)
+            loader = make_dataloader(self.train_set, t.micro_batch_size, self.cfg.data.seed, self.rank,
+                                     self.world_size, start_step=start, epoch=epoch)
+            for batch in loader:
+                yield batch
+
+    def _client_state(self) -> dict:
+        return {"step": self.step, "micro_step": self.micro_step, "evals": self.evals}
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.world_size > 1:
+            torch.distributed.all_reduce(bad)
+        if bad.item() > 0:
+            raise TrainingDivergedError(
+                f"loss is {loss.item()} at step {self.step + 1}: training stopped. The last good checkpoint "
+                f"({checkpointing.latest_checkpoint(self.run_dir) or 'none yet'}) is kept; lower trainer.lr or "
+                "check the data, then resume."
+            )
+
+    def train(self) -> dict:
+        cfg, t = self.cfg, self.cfg.trainer
+        logger = RunLogger(self.run_dir, self.rank, self.total_steps, start_step=self.step,
+                           wandb_cfg=self._wandb_cfg(), use_tqdm=None if cfg.logger.progress == "auto"
+                           else cfg.logger.progress == "bar")
+        try:
+            if self.step == 0 and t.eval_at_start and "start" not in self.evals:
+                self._record_eval("start", logger)
+            self.engine.train()
+            batches = self._batches()
+            steps_this_process, tokens, last = 0, 0, time.perf_counter()
+            sums: dict[str, float] = {}
+            while self.step < self.total_steps:
+                batch = {k: v.to(self.device) for k, v in next(batches).items()}
+                out = self.transformation.loss(self.engine.module, batch)
+                self._check_finite(out["loss"])
+                self.engine.backward(out["loss"])
+                boundary = self.engine.is_gradient_accumulation_boundary()
+                self.engine.step()
+                self.micro_step += 1
+                tokens += int((batch["input_ids"] != self.train_set.pad_token_id).sum()) * self.world_size
+                for key, value in out.items():
+                    sums[key] = sums.get(key, 0.0) + float(value.detach())
+                if not boundary:
+                    continue
+                self.step += 1
+                steps_this_process += 1
+                if self.step % cfg.logger.log_every == 0 or self.step == self.total_steps:
+                    now = time.perf_counter()
+                    metrics = {f"train/{k}": v / (t.gradient_accumulation_steps * cfg.logger.log_every)
+                               for k, v in sums.items()}
+                    metrics["loss"] = metrics.get("train/loss")
+                    metrics["lr"] = self.engine.get_lr()[0]
+                    grad_norm = self.engine.get_global_grad_norm()
+                    if grad_norm is not None:
+                        metrics["grad_norm"] = float(grad_norm)
+                    rate = tokens / max(now - last, 1e-9)
+                    metrics["tokens"] = tokens
+                    metrics["tokens_per_s_per_gpu"] = rate / self.world_size
+                    if self.flops_per_token and self.peak_flops:
+                        metrics["mfu"] = mfu(rate, self.flops_per_token, self.peak_flops)
+                    logger.log(self.step, metrics)
+                    sums, tokens, last = {}, 0, now
+                if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
+                    self._record_eval(f"step_{self.step}", logger)
+                if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
+                    checkpointing.save_checkpoint(self.engine, self.run_dir, self.step, self._client_state(),
+                                                  t.keep_checkpoints)
+                if t.stop_after_steps and steps_this_process >= t.stop_after_steps and self.step < self.total_steps:
+                    log.warning("stopping after %d steps of this process (trainer.stop_after_steps)",
+                                steps_this_process)
+                    return {"interrupted": True, "step": self.step}
+            self._record_eval("end", logger)
+            checkpointing.save_checkpoint(self.engine, self.run_dir, self.step, self._client_state(),
+                                          t.keep_checkpoints)
+            self.export()
+            summary = {"step": self.step, "evals": self.evals, "trainable_parameters": self.num_trainable}
+            if self.rank == 0:
+                (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            return summary
+        finally:
+            logger.close()
+
+    def _record_eval(self, when: str, logger: RunLogger) -> None:
+        stats = self.evaluate()
+        if stats is None:
+            return
+        self.evals[when] = stats
+        logger.log(self.step, {f"eval/{k}": v for k, v in stats.items()})
+        log.info("eval (%s): KL %.4f | top-1 %.3f | ppl teacher %.2f student %.2f | %d tokens", when, stats["kl"],
+                 stats["top1"], stats["ppl_teacher"], stats["ppl_student"], stats["tokens"])
+
+    def _wandb_cfg(self) -> dict:
+        lg = self.cfg.logger
+        return {"mode": lg.wandb_mode, "project": lg.wandb_project, "entity": lg.wandb_entity,
+                "name": self.cfg.run_name, "config": OmegaConf.to_container(self.cfg, resolve=True)}
+
+    # ---- export ----------------------------------------------------------------------------------------------
+    def export(self) -> list[Path]:
+        which = self.cfg.trainer.export
+        kinds = {"lean": [True], "full": [False], "both": [True, False], "none": []}[which]
+        model = self.transformation.prepare_export(self.engine.module)
+        hyper = OmegaConf.to_container(self.cfg.trainer, resolve=True)
+        hyper["transform"] = OmegaConf.to_container(self.cfg.transform, resolve=True)
+        written = []
+        for lean in kinds:
+            card = render_model_card(self.base_model_name, self.cfg.recipe, self.cfg.transform.name, hyper,
+                                     self.evals, lean)
+            out = self.run_dir / "export" / ("lean" if lean else "full")
+            save_hf(model, self.tokenizer, out, lean=lean, model_card=card, is_writer=self.rank == 0)
+            written.append(out)
+            barrier()
+        return written
+
+
+def run_training(cfg) -> dict:
+    """Set up and train; the Hydra entry point and the tests call this."""
+    trainer = Trainer(cfg)
+    trainer.setup()
+    return trainer.train()
+
+
+__all__ = ["Trainer", "TrainingDivergedError", "run_training", "seed_everything", "validate_run_config"]
