@@ -238,3 +238,34 @@ def test_torchrun_two_processes(tmp_path):
     tokens = [r["tokens"] for r in records if "train/loss" in r]
     assert all(t <= 2 * 2 * 512 for t in tokens) and sum(tokens) > 4 * 2 * 512
     assert (tmp_path / "export" / "lean" / "model.safetensors").is_file()
+
+
+def test_a_crash_mid_save_keeps_the_previous_checkpoint_as_latest(tmp_path, monkeypatch):
+    from swiftkv_train.train import checkpointing
+
+    run_training(make_cfg(tmp_path, "trainer.save_every=2", "trainer.max_steps=2", "trainer.export=none"))
+    assert checkpointing.latest_checkpoint(tmp_path).name == "step_0000002"
+    real_save = checkpointing.save_checkpoint
+
+    def crash_midway(engine, run_dir, step, client_state, keep):
+        engine.save_checkpoint = lambda *a, **k: (_ for _ in ()).throw(OSError("disk full"))
+        return real_save(engine, run_dir, step, client_state, keep)
+
+    monkeypatch.setattr(checkpointing, "save_checkpoint", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        run_training(make_cfg(tmp_path, "trainer.save_every=2", "trainer.max_steps=4", "trainer.export=none"))
+    assert checkpointing.latest_checkpoint(tmp_path).name == "step_0000002"  # the half-written one is not latest
+    assert not (tmp_path / "checkpoints" / "step_0000004").exists()
+
+
+def test_optimizer_holds_state_for_trainable_parameters_only(tmp_path):
+    trainer = Trainer(make_cfg(tmp_path, "trainer.max_steps=1", "trainer.export=none"))
+    trainer.setup()
+    trainer.train()
+    optimizer = trainer.engine.optimizer
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = {id(p) for p in trainer.engine.module.parameters() if p.requires_grad}
+    assert in_optimizer == trainable and len(trainable) == 7
+    state_numel = sum(t.numel() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim())
+    assert state_numel == 2 * trainer.num_trainable  # Adam's two moments, for the SwiftKV weights only
+    assert trainer.num_trainable < 0.2 * sum(p.numel() for p in trainer.engine.module.parameters())
