@@ -11,6 +11,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from .data.config import DataConfig
+from .transformations.cskv import CSKVConfig
 
 
 @dataclass
@@ -48,6 +49,7 @@ class TransformConfig:
     # Which transformation trains; each has its own section below.
     name: str = "swiftkv"
     swiftkv: SwiftKVConfig = field(default_factory=SwiftKVConfig)
+    cskv: CSKVConfig = field(default_factory=CSKVConfig)
 
 
 @dataclass

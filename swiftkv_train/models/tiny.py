@@ -30,6 +30,15 @@ PRESETS: dict[str, dict] = {
     "smollm2-tiny": dict(num_hidden_layers=6, hidden_size=72, intermediate_size=192, num_attention_heads=9,
                          num_key_value_heads=3, tie_word_embeddings=True),
 }
+# Real model shapes with random weights, for speed and memory benchmarks (build them on the GPU: device="cuda").
+SHAPE_PRESETS: dict[str, dict] = {
+    "llama3.1-8b-shape": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336,
+                              num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                              max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False),
+    "llama3.1-70b-shape": dict(num_hidden_layers=80, hidden_size=8192, intermediate_size=28672,
+                               num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                               max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False),
+}
 
 
 def _byte_level_chars() -> list[str]:
@@ -71,9 +80,10 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def random_config(preset: str, **overrides) -> LlamaConfig:
-    if preset not in PRESETS:
+    presets = {**PRESETS, **SHAPE_PRESETS}
+    if preset not in presets:
         raise SwiftKVInputError(
-            f"unknown random preset {preset!r}: use one of {', '.join('random:' + p for p in PRESETS)}."
+            f"unknown random preset {preset!r}: use one of {', '.join('random:' + p for p in presets)}."
         )
     tok_ids = {t: 256 + i for i, t in enumerate(SPECIAL_TOKENS)}
     fields = dict(
@@ -85,20 +95,37 @@ def random_config(preset: str, **overrides) -> LlamaConfig:
         bos_token_id=tok_ids["<|im_start|>"],
         eos_token_id=tok_ids["<|im_end|>"],
     )
-    fields.update(PRESETS[preset])
+    fields.update(presets[preset])
+    rope_theta = fields.pop("rope_theta", None)
+    if rope_theta is not None:
+        fields["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta}
     fields.update(overrides)
     return LlamaConfig(**fields)
 
 
-def random_model(preset: str, seed: int = 0, dtype=torch.float32, **overrides) -> LlamaForCausalLM:
-    """A randomly initialised LlamaForCausalLM with a slightly larger init so that layers matter."""
-    config = random_config(preset, initializer_range=0.08, **overrides)
+def random_model(preset: str, seed: int = 0, dtype=torch.float32, device=None, **overrides) -> LlamaForCausalLM:
+    """A randomly initialised LlamaForCausalLM with a slightly larger init so that layers matter.
+
+    Real-shape presets are built directly on ``device`` in ``dtype`` (an 8B model in fp32 on the host would
+    take 32 GB and minutes to initialise) with the standard 0.02 init.
+    """
+    big = preset in SHAPE_PRESETS
+    config = random_config(preset, initializer_range=0.02 if big else 0.08, **overrides)
     config._attn_implementation = "sdpa"
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if big:
+            with torch.device(device or "cpu"):
+                default_dtype = torch.get_default_dtype()
+                torch.set_default_dtype(dtype)
+                try:
+                    model = LlamaForCausalLM(config)
+                finally:
+                    torch.set_default_dtype(default_dtype)
+            return model.eval()
         model = LlamaForCausalLM(config)
         # Random norms, so that copying the right norm into norm_swiftkv is actually tested.
         for name, param in model.named_parameters():
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                 param.data.uniform_(0.5, 1.5)
-    return model.to(dtype).eval()
+    return model.to(dtype=dtype, device=device).eval()

@@ -102,17 +102,19 @@ class Trainer:
         self.transformation = build_transformation(cfg.transform, cfg)
         dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
         dtype = dtype or (torch.bfloat16 if self.bf16 else torch.float32)
-        model, self.tokenizer = load_pretrained(cfg.model.spec, dtype=dtype,
+        model, self.tokenizer = load_pretrained(cfg.model.spec, dtype=dtype, device=self.device,
                                                 attn_implementation=cfg.model.attn_implementation)
         if self.tokenizer is None:
             raise SwiftKVInputError(f"model {cfg.model.spec!r} has no tokenizer: training data needs its chat template.")
         self.base_model_name = cfg.model.spec
-        student = self.transformation.build_student(model.to(self.device))
+        student = self.transformation.build_student(model)
         del model  # the student shares its frozen tensors
 
         self.train_set, self.eval_set = build_datasets(cfg.data, self.tokenizer)
         t = cfg.trainer
         probe = make_dataloader(self.train_set, t.micro_batch_size, cfg.data.seed, self.rank, self.world_size)
+        # Data-dependent initialisation (e.g. CSKV's activation-aware SVD), before the optimizer sees the weights.
+        self.transformation.calibrate(student, ({k: v.to(self.device) for k, v in b.items()} for b in probe))
         self.micro_per_epoch = probe.batch_sampler.steps_per_epoch
         steps_per_epoch = self.micro_per_epoch // t.gradient_accumulation_steps
         if steps_per_epoch == 0 and t.max_steps <= 0:

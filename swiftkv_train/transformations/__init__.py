@@ -2,10 +2,12 @@
 
 from ..errors import SwiftKVInputError
 from .base import Transformation
+from .cskv import CSKVTransformation
 from .swiftkv import SwiftKVTransformation
 
 TRANSFORMATIONS: dict[str, type[Transformation]] = {
     SwiftKVTransformation.name: SwiftKVTransformation,
+    CSKVTransformation.name: CSKVTransformation,
 }
 
 
