@@ -12,6 +12,7 @@ from omegaconf import MISSING
 
 from .data.config import DataConfig
 from .transformations.cskv import CSKVConfig
+from .transformations.locret import LocretConfig
 
 
 @dataclass
@@ -50,6 +51,7 @@ class TransformConfig:
     name: str = "swiftkv"
     swiftkv: SwiftKVConfig = field(default_factory=SwiftKVConfig)
     cskv: CSKVConfig = field(default_factory=CSKVConfig)
+    locret: LocretConfig = field(default_factory=LocretConfig)
 
 
 @dataclass

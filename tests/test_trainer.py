@@ -284,3 +284,16 @@ def test_cskv_trains_through_the_same_loop(tmp_path):
     assert summary["evals"]["end"]["kl"] <= summary["evals"]["start"]["kl"] * 1.05
     config = json.loads((tmp_path / "export" / "lean" / "config.json").read_text())
     assert config["model_type"] == "llama_cskv" and config["auto_map"]
+
+
+def test_locret_trains_through_the_same_loop(tmp_path):
+    run_training(make_cfg(tmp_path, "transform=locret", "data.pack=false", "transform.locret.head_hidden_size=32",
+                          "transform.locret.budget=128", "transform.locret.chunk_size=64",
+                          "transform.locret.stabilizers=16", "transform.locret.n_local=16", "trainer.max_steps=8",
+                          "trainer.lr=5e-3", "trainer.micro_batch_size=1", "trainer.export=lean"))
+    curve = losses(tmp_path)
+    assert sum(list(curve.values())[-3:]) < sum(list(curve.values())[:3])
+    config = json.loads((tmp_path / "export" / "lean" / "config.json").read_text())
+    assert config["model_type"] == "llama_locret" and config["locret_budget"] == 128
+    exported = load_file(str(tmp_path / "export" / "lean" / "model.safetensors"))
+    assert any("retaining_head" in name for name in exported)

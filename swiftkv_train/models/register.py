@@ -2,7 +2,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from . import llama_cskv  # noqa: F401  (registers llama_cskv on import)
+from . import llama_cskv, llama_locret  # noqa: F401  (each registers its model type on import)
 from .llama_swiftkv import LlamaSwiftKVConfig, LlamaSwiftKVForCausalLM, LlamaSwiftKVModel
 
 

@@ -3,11 +3,13 @@
 from ..errors import SwiftKVInputError
 from .base import Transformation
 from .cskv import CSKVTransformation
+from .locret import LocretTransformation
 from .swiftkv import SwiftKVTransformation
 
 TRANSFORMATIONS: dict[str, type[Transformation]] = {
     SwiftKVTransformation.name: SwiftKVTransformation,
     CSKVTransformation.name: CSKVTransformation,
+    LocretTransformation.name: LocretTransformation,
 }
 
 
