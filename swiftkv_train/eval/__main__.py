@@ -1,0 +1,88 @@
+"""`python -m swiftkv_train.eval model=<spec> [teacher=<spec>|self] suite=<...> out_dir=<dir> key=value ...`
+
+Loads the model (any `load_pretrained` spec or export dir), optionally converts it to SwiftKV on the fly
+(``swiftkv.num_key_value_layers=M``), loads the teacher, runs the suites and writes results.json, results.md
+and PNG plots to ``out_dir`` (Hydra writes nothing else there and never changes directory).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from ..errors import SwiftKVInputError
+from .config import register_schemas
+
+register_schemas()
+log = logging.getLogger("swiftkv_train.eval")
+
+
+def _device_dtype(cfg):
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    if cfg.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, cfg.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise SwiftKVInputError(f"dtype={cfg.dtype!r}: use auto, float32, bfloat16 or float16.")
+    return device, dtype
+
+
+def _load(spec: str, device, dtype, what: str):
+    from ..models import load_pretrained
+
+    model, tokenizer = load_pretrained(spec, dtype=dtype)
+    if tokenizer is None:
+        raise SwiftKVInputError(f"{what}={spec!r} has no tokenizer files: export the tokenizer with the model.")
+    return model.to(device).eval(), tokenizer
+
+
+def run(cfg: DictConfig) -> dict:
+    from .api import evaluate, parse_suites
+
+    parse_suites(cfg.suite)  # fail on a bad suite before loading anything
+    device, dtype = _device_dtype(cfg)
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    model, tokenizer = _load(cfg.model, device, dtype, "model")
+    name = Path(cfg.model).name if Path(cfg.model).expanduser().exists() else cfg.model
+    if cfg.swiftkv.num_key_value_layers is not None:
+        from ..transform import to_swiftkv
+
+        model = to_swiftkv(model, cfg.swiftkv.num_key_value_layers, cfg.swiftkv.key_value_group_size).eval()
+        name = f"{name} SwiftKV M={cfg.swiftkv.num_key_value_layers}"
+        if cfg.swiftkv.key_value_group_size > 1:
+            name += f" g={cfg.swiftkv.key_value_group_size}"
+    teacher = teacher_tokenizer = None
+    if cfg.teacher == "self":
+        teacher = "self"
+    elif cfg.teacher:
+        teacher, teacher_tokenizer = _load(cfg.teacher, device, dtype, "teacher")
+    results = evaluate(model, tokenizer, cfg.suite, teacher=teacher, teacher_tokenizer=teacher_tokenizer,
+                       config=cfg, out_dir=cfg.out_dir, model_name=name,
+                       teacher_name="teacher" if cfg.teacher in (None, "self") else f"teacher ({cfg.teacher})")
+    results["meta"]["command"] = " ".join(["python -m swiftkv_train.eval", *sys.argv[1:]])
+    from .report import write_results
+
+    write_results(results, Path(cfg.out_dir))
+    print(f"results written to {Path(cfg.out_dir) / 'results.md'}")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except SwiftKVInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""`evaluate(...)`: run the chosen suites on a model (and its teacher, and cache policies) and write the results."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from ..errors import SwiftKVInputError
+from ..policies import build_policy
+from .config import SUITES, EvalConfig
+from .efficiency import run_efficiency
+from .fidelity import run_fidelity
+from .lm_eval_suite import run_lm_eval
+from .needle import NEEDLE, PASSKEY, run_retrieval
+from .plots import write_plots
+from .report import write_results
+from .subjects import Subject, teacher_of
+
+__all__ = ["evaluate", "make_config", "parse_suites", "policies_from_config"]
+
+_POLICY_FIELDS = {
+    "streaming_llm": ("budget", "sink_tokens"),
+    "h2o": ("budget", "recent_share", "observation_window"),
+    "keyformer": ("budget", "recent_share", "tau_init", "tau_end", "seed", "observation_window"),
+    "snapkv": ("budget", "observation_window"),
+}
+
+
+def make_config(config=None, **overrides):
+    """An EvalConfig (OmegaConf, struct mode) from a dataclass/dict/DictConfig plus keyword overrides.
+
+    Unknown keys fail here with their name, exactly as on the command line.
+    """
+    base = OmegaConf.structured(EvalConfig)
+    if "model" not in (config or {}) and "model" not in overrides:
+        overrides["model"] = "model"
+    merged = OmegaConf.merge(base, config or {}, overrides)
+    OmegaConf.set_struct(merged, True)
+    return merged
+
+
+def parse_suites(suite) -> list[str]:
+    names = str(suite).split(",") if isinstance(suite, str) else [str(n) for n in suite]
+    names = [n.strip() for n in names if n.strip()]
+    if names == ["all"]:
+        return list(SUITES)
+    unknown = [n for n in names if n not in SUITES]
+    if unknown or not names:
+        raise SwiftKVInputError(f"suite={suite!r}: unknown {unknown}; use one of {', '.join(SUITES)}, a comma list, "
+                                "or all.")
+    return names
+
+
+def policies_from_config(cfg) -> list[tuple[str, object]]:
+    """(name, policy) pairs from ``cfg.policies`` (PolicyConfig)."""
+    out = []
+    for name in cfg.names:
+        if name not in _POLICY_FIELDS:
+            raise SwiftKVInputError(f"policies.names: unknown policy {name!r}; use any of {', '.join(_POLICY_FIELDS)}.")
+        settings = {k: cfg[k] for k in _POLICY_FIELDS[name] if cfg[k] is not None}
+        settings.update(OmegaConf.to_container(cfg.overrides, resolve=True).get(name, {}) if cfg.overrides else {})
+        label = f"{name}@{settings.get('budget', '')}"
+        out.append((label, build_policy(name, **settings)))
+    return out
+
+
+def _meta(cfg, subjects: list[Subject]) -> dict:
+    model = subjects[0].model
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": platform.node(), "machine": platform.machine(), "cpu_threads": torch.get_num_threads(),
+        "device": str(model.device), "dtype": str(next(model.parameters()).dtype),
+        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+        "models": {s.name: {"class": type(s.model).__name__, "layers": s.model.config.num_hidden_layers,
+                            "swiftkv_mode": s.swiftkv,
+                            "num_key_value_layers": getattr(s.model.config, "num_key_value_layers", None)}
+                   for s in subjects},
+    }
+
+
+def _preflight(cfg, names, runs, teacher_subject) -> None:
+    """Every input check before the first model call, so a bad setting fails in seconds, not after a suite."""
+    from .efficiency import check_config as check_efficiency
+    from .fidelity import check_config as check_fidelity
+    from .needle import check_config as check_retrieval
+
+    subjects = list({id(s): s for s, _, _ in runs}.values())
+    for subject in subjects:
+        if "fidelity" in names and teacher_subject is not None and subject is runs[0][0]:
+            check_fidelity(subject, cfg.fidelity)
+        if "needle" in names:
+            check_retrieval(subject, NEEDLE, cfg.needle)
+        if "passkey" in names:
+            check_retrieval(subject, PASSKEY, cfg.passkey)
+        if "efficiency" in names:
+            check_efficiency(subject, cfg.efficiency)
+
+
+def evaluate(model, tokenizer, suites="fidelity", teacher=None, teacher_tokenizer=None, config=None,
+             out_dir: str | Path | None = None, model_name: str = "model", teacher_name: str = "teacher",
+             **overrides) -> dict:
+    """Run ``suites`` on ``model`` and return (and, with ``out_dir``, write) every number and its settings.
+
+    ``teacher``: a model object, or ``"self"`` for a SwiftKV model (its ``swiftkv(False)`` mode). ``config``: an
+    EvalConfig / dict; keyword ``overrides`` use the same keys (e.g. ``fidelity={"window": 256}``).
+    A SwiftKV model is evaluated in SwiftKV mode. Fidelity needs a teacher (skipped with the reason otherwise).
+    Cache policies (``policies.names``) apply to the generation suites (needle, passkey, efficiency).
+    """
+    cfg = make_config(config, **overrides)
+    names = parse_suites(suites)
+    if tokenizer is None:
+        raise SwiftKVInputError("evaluate() needs the model's tokenizer (the model directory has none?).")
+    student = Subject(model_name, model, tokenizer, swiftkv=True if hasattr(model, "swiftkv") else None)
+    subjects = [student]
+    teacher_subject = None
+    if isinstance(teacher, str) and teacher == "self":
+        teacher_subject = teacher_of(student)
+    elif teacher is not None:
+        teacher_subject = Subject(teacher_name, teacher, teacher_tokenizer or tokenizer,
+                                  swiftkv=False if hasattr(teacher, "swiftkv") else None)
+    if teacher_subject is not None:
+        if teacher_subject.model.config.vocab_size != model.config.vocab_size:
+            raise SwiftKVInputError(
+                f"teacher vocabulary ({teacher_subject.model.config.vocab_size}) differs from the model's "
+                f"({model.config.vocab_size}): fidelity needs the same tokenizer."
+            )
+        subjects.append(teacher_subject)
+    policies = policies_from_config(cfg.policies)
+    progress = cfg.progress
+    results: dict = {"meta": {}, "skipped": {}}
+    # One run per (subject, policy): the model under every policy, the teacher with the full cache.
+    runs = [(student, "full", None)] + [(student, label, p) for label, p in policies]
+    if teacher_subject is not None:
+        runs.append((teacher_subject, "full", None))
+
+    _preflight(cfg, names, runs, teacher_subject)
+    for suite in names:
+        if suite == "fidelity":
+            if teacher_subject is None:
+                results["skipped"]["fidelity"] = "no teacher: pass teacher=<spec> (or teacher=self for SwiftKV)"
+                continue
+            results["fidelity"] = [run_fidelity(student, teacher_subject, cfg.fidelity, progress)]
+        elif suite in ("needle", "passkey"):
+            variant, section = (NEEDLE, cfg.needle) if suite == "needle" else (PASSKEY, cfg.passkey)
+            results[suite] = [run_retrieval(s, variant, section, p, label, progress) for s, label, p in runs]
+        elif suite == "efficiency":
+            results[suite] = [run_efficiency(s, cfg.efficiency, p, label, progress) for s, label, p in runs]
+        elif suite == "lm_eval":
+            results[suite] = [run_lm_eval(s, cfg.lm_eval) for s in subjects]
+    results["meta"] = _meta(cfg, subjects)
+    results["meta"]["suites"] = names
+    results["config"] = OmegaConf.to_container(cfg, resolve=True)
+    if out_dir is not None:
+        out = Path(out_dir)
+        results["plots"] = write_plots(results, out) if cfg.plots else []
+        write_results(results, out)
+    return results

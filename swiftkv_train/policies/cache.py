@@ -1,0 +1,147 @@
+"""`PolicyCache`: a transformers Cache whose slots shrink to what a `CachePolicy` keeps.
+
+Each slot behaves like a `DynamicLayer` (K/V concatenated per step) and also records the original position of
+every entry and the policy's running score. The generation loop (generate.py) brackets every forward with
+`begin_step(positions)` and `end_step()`; `end_step` asks the policy which entries to keep and gathers K, V,
+positions and scores. Eviction waits for the end of the step because transformers sizes the attention mask from
+the cache length before the layers run: evicting inside the step would desynchronise mask and keys.
+
+Kept keys carry their RoPE at the original positions, and new tokens are fed with their original positions, so
+relative distances stay true (the H2O / Keyformer convention). The causal mask transformers builds from the cache
+length is still right after eviction: every cached entry precedes every new query, and within the step the new
+keys sit after the cached ones in the same order as the queries.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .base import CachePolicy, SlotView, StepInfo
+
+__all__ = ["PolicyCache", "PolicyLayer", "active_cache", "record_token_scores"]
+
+# The cache the attention hook reports to (set by `generate.policy_attention`).
+_ACTIVE: ContextVar["PolicyCache | None"] = ContextVar("swiftkv_active_policy_cache", default=None)
+
+
+def active_cache() -> "PolicyCache | None":
+    return _ACTIVE.get()
+
+
+class PolicyLayer(DynamicLayer):
+    """A DynamicLayer plus per-entry original positions (int32) and, if the policy ranks by score, running fp32
+    scores ([B, H_kv, L] each). This bookkeeping is real memory and `cache_nbytes` counts it."""
+
+    def __init__(self, track_scores: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.track_scores = track_scores
+        self.positions: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor):
+        keys, values = super().update(key_states, value_states)
+        batch, heads, new = key_states.shape[:3]
+        new_pos = positions.to(key_states.device, torch.int32).view(1, 1, new).expand(batch, heads, new)
+        self.positions = new_pos.clone() if self.positions is None else torch.cat([self.positions, new_pos], dim=-1)
+        if self.track_scores:
+            new_scores = torch.zeros(batch, heads, new, dtype=torch.float32, device=key_states.device)
+            self.scores = new_scores if self.scores is None else torch.cat([self.scores, new_scores], dim=-1)
+        return keys, values
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep entries ``index`` [B, H_kv, k] (ascending)."""
+        gather = index.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
+        self.keys = self.keys.gather(2, gather)
+        self.values = self.values.gather(2, gather.expand(-1, -1, -1, self.values.shape[-1]))
+        self.positions = self.positions.gather(2, index)
+        if self.scores is not None:
+            self.scores = self.scores.gather(2, index)
+
+    def reset(self) -> None:
+        super().reset()
+        self.positions = self.scores = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a policy cache cannot be cropped: positions are no longer contiguous")
+
+
+class PolicyCache(Cache):
+    """Cache for one batch of equal-length sequences run under ``policy`` (see module docstring)."""
+
+    def __init__(self, policy: CachePolicy, prompt_len: int, max_new_tokens: int):
+        super().__init__(layer_class_to_replicate=PolicyLayer)
+        self.policy = policy
+        self.step = StepInfo(prompt_len=prompt_len, max_new_tokens=max_new_tokens)
+        self._positions: torch.Tensor | None = None
+        self._token = None
+        policy.start(prompt_len, max_new_tokens)
+
+    # -- the step protocol driven by the generation loop -------------------------------------------------------
+    def begin_step(self, positions: torch.Tensor, decode_step: int) -> None:
+        """The next forward feeds tokens at these original ``positions`` ([q] ints)."""
+        self._positions = positions.reshape(-1)
+        self.step.new_tokens = self._positions.numel()
+        self.step.seen += self.step.new_tokens
+        self.step.decode_step = decode_step
+
+    def end_step(self) -> None:
+        """Evict per the policy in every slot (prefill: after each chunk; decode: after each token)."""
+        if not self.step.is_prefill and not self.policy.evict_during_decode:
+            return
+        for slot, layer in enumerate(self.layers):
+            if layer.keys is None:
+                continue
+            view = SlotView(slot, layer.keys, layer.values, layer.positions, layer.scores)
+            index = self.policy.select(view, self.step)
+            if index is not None:
+                layer.keep(index.to(layer.keys.device))
+
+    # -- transformers Cache API ---------------------------------------------------------------------------------
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self._positions is None:
+            raise RuntimeError(
+                "PolicyCache.update outside a step: drive it with swiftkv_train.policies.greedy_generate "
+                "(model.generate does not announce original positions or step ends)."
+            )
+        while len(self.layers) <= layer_idx:
+            self.layers.append(PolicyLayer(track_scores=self.policy.uses_scores))
+        if self._positions.numel() != key_states.shape[-2]:
+            raise RuntimeError(
+                f"step announced {self._positions.numel()} tokens but the model cached {key_states.shape[-2]}"
+            )
+        return self.layers[layer_idx].append(key_states, value_states, self._positions)
+
+    # -- score inputs ------------------------------------------------------------------------------------------
+    def add_attention_scores(self, slot: int, contribution: torch.Tensor) -> None:
+        """Fold one step's per-key attention contribution [B, H_kv, L] into the slot's running score."""
+        layer = self.layers[slot]
+        layer.scores = self.policy.accumulate(layer.scores, contribution.to(layer.scores))
+
+    def set_token_scores(self, slot: int, scores: torch.Tensor) -> None:
+        """Scores of the step's NEW tokens, [B, H_kv, q], computed by the model (a learned scorer)."""
+        layer = self.layers[slot]
+        new = scores.shape[-1]
+        layer.scores[..., -new:] = scores.to(layer.scores)
+
+    def tokens_held(self) -> int:
+        """Entries in slot 0 (every slot holds the same number)."""
+        return self.get_seq_length(0)
+
+
+def record_token_scores(module_or_slot, scores: torch.Tensor) -> None:
+    """Entry point for a learned scorer inside a model (e.g. Locret's retaining head).
+
+    Call it from the attention module after its cache update, with the module (or the cache slot index) and
+    one score per new token and KV head [B, H_kv, q]. A no-op when no policy cache is active, so the model runs
+    unchanged otherwise.
+    """
+    cache = active_cache()
+    if cache is None:
+        return
+    from .attention import cache_slot  # late import: attention imports this module
+
+    slot = module_or_slot if isinstance(module_or_slot, int) else cache_slot(module_or_slot)
+    cache.set_token_scores(slot, scores)

@@ -1,0 +1,239 @@
+"""KV-cache policies: exactness with a large budget, the kept positions, and the scores against direct math."""
+
+import pytest
+import torch
+
+from swiftkv_train.errors import SwiftKVInputError
+from swiftkv_train.models import load_pretrained
+from swiftkv_train.policies import (
+    H2O,
+    Budget,
+    FullCache,
+    Keyformer,
+    LearnedScorePolicy,
+    PolicyCache,
+    SnapKV,
+    StreamingLLM,
+    SlotView,
+    StepInfo,
+    build_policy,
+    greedy_generate,
+    record_token_scores,
+)
+from swiftkv_train.policies import attention as policy_attention_mod
+from swiftkv_train.policies.baselines import gumbel_noise, keyformer_noise_seed
+from swiftkv_train.policies.cache import _ACTIVE
+from swiftkv_train.transform import to_swiftkv
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run far faster on one thread when the 2 CPU cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = load_pretrained("random:tiny")
+    return model, tok
+
+
+def prompt(batch=2, length=40, seed=0):
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_budget_parsing():
+    assert Budget.parse("512") == Budget(tokens=512)
+    assert Budget.parse("50%").resolve(100) == 50
+    assert Budget.parse("0.25").resolve(100) == 25
+    assert Budget.parse("4x").resolve(100) == 25
+    assert Budget.parse(7).resolve(1000) == 7
+    for bad in ("half", "0.5x", "0", "150%"):
+        with pytest.raises(SwiftKVInputError, match="budget"):
+            Budget.parse(bad)
+    with pytest.raises(SwiftKVInputError, match="unknown cache policy 'nope'"):
+        build_policy("nope")
+    with pytest.raises(SwiftKVInputError, match="needs a budget"):
+        H2O(None)
+
+
+ALL_POLICIES = [
+    lambda: FullCache(),
+    lambda: StreamingLLM(200, sink_tokens=4),
+    lambda: H2O(200),
+    lambda: H2O(200, observation_window=3),
+    lambda: Keyformer(200, seed=1),
+    lambda: SnapKV(200),
+    lambda: LearnedScorePolicy(200),
+]
+
+
+@pytest.mark.parametrize("make", ALL_POLICIES, ids=["full", "streaming", "h2o", "h2o-window", "keyformer", "snapkv",
+                                                    "learned"])
+def test_budget_at_least_sequence_reproduces_full_cache(tiny, make):
+    model, _ = tiny
+    ids = prompt()
+    reference = greedy_generate(model, ids, 8, keep_logits=True)
+    hf = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(hf[:, ids.shape[1]:], reference.tokens)  # our loop == transformers' generate
+    for chunk in (None, 16):
+        out = greedy_generate(model, ids, 8, policy=make(), keep_logits=True, prefill_chunk=chunk)
+        assert torch.equal(out.tokens, reference.tokens)
+        for a, b in zip(out.logits, reference.logits):
+            assert torch.equal(a, b)
+        assert out.cache.get_seq_length(0) == ids.shape[1] + 7
+
+
+def test_swiftkv_acrosskv_model_with_policy_is_exact_and_evicts(tiny):
+    model, _ = tiny
+    student = to_swiftkv(model, 2, 2).eval()  # slots: 2 early layers + one AcrossKV group
+    ids = prompt()
+    reference = greedy_generate(student, ids, 6, keep_logits=True)
+    out = greedy_generate(student, ids, 6, policy=H2O(100), keep_logits=True)
+    assert torch.equal(out.tokens, reference.tokens)
+    assert all(torch.equal(a, b) for a, b in zip(out.logits, reference.logits))
+    small = greedy_generate(student, ids, 6, policy=H2O(16))
+    assert len(small.cache.layers) == 3
+    assert all(layer.keys.shape[2] == 16 for layer in small.cache.layers)
+
+
+def test_streaming_llm_keeps_sinks_and_recent_window(tiny):
+    model, _ = tiny
+    ids = prompt(length=30)
+    out = greedy_generate(model, ids, 6, policy=StreamingLLM(10, sink_tokens=3))
+    assert out.tokens_held_after_prefill == 10
+    fed = 30 + 5  # the last generated token is never fed back
+    expected = [0, 1, 2] + list(range(fed - 7, fed))
+    for layer in out.cache.layers:
+        assert layer.positions.shape == (2, 2, 10)
+        assert (layer.positions == torch.tensor(expected, dtype=torch.int32)).all()
+
+
+def test_eviction_equals_full_forward_with_the_eviction_mask(tiny):
+    """Independent check of positions and masking after eviction: StreamingLLM decoding must equal one full
+    forward over prompt + generated tokens where each generated token's row masks the evicted positions."""
+    model, _ = tiny
+    ids = prompt(batch=1, length=24)
+    sinks, budget, new = 2, 9, 6
+    out = greedy_generate(model, ids, new, policy=StreamingLLM(budget, sink_tokens=sinks), keep_logits=True)
+    seq = torch.cat([ids, out.tokens[:, :-1]], dim=1)
+    total = seq.shape[1]
+    allowed = torch.tril(torch.ones(total, total, dtype=torch.bool))
+    for row in range(24, total):  # decode rows: the cache held `budget` entries, then the row's own token
+        held = set(range(sinks)) | set(range(row - (budget - sinks), row))
+        allowed[row, :row] = torch.tensor([j in held for j in range(row)])
+    logits = model(seq, attention_mask=allowed[None, None], use_cache=False).logits[0]
+    for step in range(new):
+        torch.testing.assert_close(out.logits[step][0], logits[23 + step], rtol=1e-4, atol=1e-4)
+
+
+def test_h2o_scores_equal_eager_attention_column_sums():
+    model, _ = load_pretrained("random:tiny", attn_implementation="eager")
+    ids = prompt(batch=1, length=20)
+    attentions = model(ids, output_attentions=True).attentions  # eager: [B, H_q, S, S] per layer
+    model.set_attn_implementation("sdpa")
+    out = greedy_generate(model, ids, 1, policy=H2O(64))  # no eviction; scores after the prompt
+    for layer, probs in zip(out.cache.layers, attentions):
+        expected = probs.reshape(1, 2, 2, 20, 20).sum(dim=(2, 3))  # query heads of each KV head, all rows
+        torch.testing.assert_close(layer.scores, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_h2o_select_keeps_heavy_hitters_plus_recent():
+    scores = torch.tensor([[[5.0, 0.1, 3.0, 0.2, 4.0, 0.3, 0.0, 9.0, 1.0, 2.0]]])
+    view = SlotView(0, torch.zeros(1, 1, 10, 4), torch.zeros(1, 1, 10, 4), torch.arange(10).view(1, 1, 10), scores)
+    policy = H2O(6, recent_share=0.5)
+    policy.start(prompt_len=10, max_new_tokens=1)
+    keep = policy.select(view, StepInfo(10, 1, seen=10))
+    # recent 3 = entries 7, 8, 9; heavy 3 among 0..6 = 0 (5.0), 4 (4.0), 2 (3.0)
+    assert keep.tolist() == [[[0, 2, 4, 7, 8, 9]]]
+    assert policy.select(SlotView(0, *(t[..., :6, :] for t in (view.keys, view.values)), view.positions[..., :6],
+                                  scores[..., :6]), StepInfo(6, 1)) is None
+
+
+def _direct_keyformer(keys_by_step, steps, seed, tau_init, tau_end, max_new, scaling):
+    """Accumulated Keyformer score written out plainly: sum over steps, heads and rows of
+    softmax((QK^T*s + causal mask + Gumbel) / tau_t)."""
+    total = None
+    for t, (q, k) in enumerate(zip(steps, keys_by_step)):
+        logits = torch.einsum("bhqd,bhkd->bhqk", q, k.repeat_interleave(2, dim=1)) * scaling
+        q_len, k_len = q.shape[2], k.shape[2]
+        causal = torch.arange(k_len)[None, :] <= (torch.arange(q_len)[:, None] + k_len - q_len)
+        logits = logits.masked_fill(~causal, float("-inf"))
+        grouped = logits.reshape(1, 2, 2, q_len, k_len)
+        generator = torch.Generator().manual_seed(keyformer_noise_seed(seed, 0, t, 0))
+        u = torch.rand(grouped.shape, generator=generator).clamp(1e-10, 1 - 1e-7)
+        tau = tau_init + t * (tau_end - tau_init) / max_new
+        contrib = torch.softmax((grouped - torch.log(-torch.log(u))) / tau, dim=-1).sum(dim=(2, 3))
+        if total is not None:  # earlier steps saw fewer keys: their contributions are zero on the new ones
+            contrib = contrib + torch.nn.functional.pad(total, (0, contrib.shape[-1] - total.shape[-1]))
+        total = contrib
+    return total
+
+
+def test_keyformer_score_accumulation_matches_direct_computation(tiny):
+    model, _ = tiny
+    attn = model.model.layers[0].self_attn  # a real module: 4 query heads, 2 KV heads, head dim 16
+    gen = torch.Generator().manual_seed(0)
+    prompt_len, max_new, seed = 6, 4, 3
+    policy = Keyformer(budget=100, seed=seed)  # no eviction: pure accumulation
+    cache = PolicyCache(policy, prompt_len, max_new)
+    policy_attention_mod.register()
+    token = _ACTIVE.set(cache)
+    queries, keys_seen = [], []
+    try:
+        for step, q_len in enumerate([prompt_len, 1, 1, 1]):
+            start = cache.step.seen
+            cache.begin_step(torch.arange(start, start + q_len), decode_step=step)
+            q = torch.randn(1, 4, q_len, 16, generator=gen)
+            k_new, v_new = torch.randn(1, 2, q_len, 16, generator=gen), torch.randn(1, 2, q_len, 16, generator=gen)
+            keys, values = cache.update(k_new, v_new, 0)
+            mask = None if step == 0 else torch.ones(1, 1, 1, keys.shape[2], dtype=torch.bool)
+            policy_attention_mod.policy_sdpa_attention(attn, q, keys, values, mask, scaling=0.25)
+            cache.end_step()
+            queries.append(q)
+            keys_seen.append(keys.clone())
+    finally:
+        _ACTIVE.reset(token)
+    expected = _direct_keyformer(keys_seen, queries, seed, 1.0, 2.0, max_new, 0.25)
+    torch.testing.assert_close(cache.layers[0].scores, expected, rtol=1e-5, atol=1e-6)
+    # The Gumbel draw is the standard one.
+    noise = gumbel_noise((4,), 5, "cpu")
+    u = torch.rand(4, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(noise, -torch.log(-torch.log(u)))
+
+
+def test_keyformer_evicts_to_prompt_budget_with_recent_window(tiny):
+    model, _ = tiny
+    ids = prompt(batch=1, length=40)
+    policy = Keyformer(budget="50%", recent_share=0.3, seed=0)
+    out = greedy_generate(model, ids, 5, policy=policy)
+    assert policy.capacity == 20 and policy.recent_tokens() == 6
+    fed = 40 + 4
+    for layer in out.cache.layers:
+        assert layer.keys.shape[2] == 20
+        assert (layer.positions[..., -6:] == torch.arange(fed - 6, fed, dtype=torch.int32)).all()
+
+
+def test_learned_scores_pushed_by_the_model_decide_what_stays(tiny):
+    """Locret-style: the model pushes one score per new token; here score = -(position - 10)^2 (peak at 10)."""
+    model, _ = tiny
+
+    def push(module, args, output):
+        cache = _ACTIVE.get()
+        new = cache.step.new_tokens
+        positions = torch.arange(cache.step.seen - new, cache.step.seen, dtype=torch.float32)
+        record_token_scores(module, (-(positions - 10) ** 2).expand(1, 2, new))
+
+    hooks = [layer.self_attn.register_forward_hook(push) for layer in model.model.layers]
+    try:
+        out = greedy_generate(model, prompt(batch=1, length=30), 3, policy=LearnedScorePolicy(7, stabilizers=2))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # After the prompt: 2 stabilizers (28, 29) + the 5 best-scored others (8..12); no eviction while decoding.
+    expected = [8, 9, 10, 11, 12, 28, 29, 30, 31]
+    for layer in out.cache.layers:
+        assert layer.positions[0, 0].tolist() == expected
