@@ -35,6 +35,8 @@ def test_full_export_round_trip(student_and_tokenizer, tmp_path):
             total += sum(f.get_tensor(k).numel() * 4 for k in f.keys())
     assert index["metadata"]["total_size"] == total
     assert "model.layers.5.self_attn.q_proj.weight" in index["weight_map"]
+    # the fused prefill kernel the modeling file imports travels with it (used on CUDA, torch path elsewhere)
+    assert (export / "swiftkv_prefill_kv.py").is_file()
 
     result = run_loader(export, tmp_path, "float32", teacher=True)
     assert result["class"] == "LlamaSwiftKVForCausalLM" and result["module"].startswith("transformers_modules")

@@ -7,9 +7,11 @@ half-written export under the final name. Under ZeRO-3, parameters are gathered 
 """
 
 import copy
+import importlib.util
 import inspect
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -92,13 +94,34 @@ class ShardWriter:
         (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+# `kernels/` of a source checkout, for when `swiftkv_kernels` is not installed (PYTHONPATH=$PWD runs).
+_REPO_KERNELS = Path(__file__).resolve().parents[2] / "kernels"
+
+
 def _copy_model_code(model: torch.nn.Module, out_dir: Path) -> dict[str, str]:
-    """Copy the model's package files (modeling, configuration, siblings) and return the ``auto_map``."""
+    """Copy the model's package files (modeling, configuration, siblings) and return the ``auto_map``.
+
+    Kernel files the modeling code imports relatively (``from .swiftkv_prefill_kv import ...``) but which live in
+    the ``swiftkv_kernels`` package are copied beside them, so ``trust_remote_code`` loading finds them.
+    """
     model_file = Path(inspect.getfile(type(model)))
     config_file = Path(inspect.getfile(type(model.config)))
     for src in sorted(model_file.parent.glob("*.py")):
         if src.name != "__init__.py":
             shutil.copy2(src, out_dir / src.name)
+    for src in sorted(out_dir.glob("*.py")):
+        # the same pattern transformers uses to find the relative imports it will load
+        for name in re.findall(r"^\s*from\s+\.(\S+)\s+import", src.read_text(encoding="utf-8"), flags=re.MULTILINE):
+            if (out_dir / f"{name}.py").exists():
+                continue
+            try:
+                spec = importlib.util.find_spec(f"swiftkv_kernels.{name}")
+            except ImportError:  # swiftkv_kernels itself not importable (repo used without installing)
+                spec = None
+            source = Path(spec.origin) if spec is not None and spec.origin else _REPO_KERNELS / f"{name}.py"
+            if not source.is_file():
+                raise FileNotFoundError(f"{src.name} imports .{name}: found neither beside it nor in swiftkv_kernels")
+            shutil.copy2(source, out_dir / f"{name}.py")
     return {
         "AutoConfig": f"{config_file.stem}.{type(model.config).__name__}",
         "AutoModelForCausalLM": f"{model_file.stem}.{type(model).__name__}",

@@ -19,6 +19,8 @@ class LlamaSwiftKVConfig(LlamaConfig):
       and one cache entry. If g does not divide ``L - M`` the last group is smaller.
     - ``swiftkv_lean``: the checkpoint holds only what the student needs (no original q/k/v in layers >= M),
       so the teacher mode is unavailable.
+    - ``use_kernels``: use the fused Triton prefill kernels (CUDA, Triton installed, no gradient needed);
+      False always runs the plain PyTorch path.
     """
 
     model_type = "llama_swiftkv"
@@ -27,6 +29,7 @@ class LlamaSwiftKVConfig(LlamaConfig):
     num_key_value_layers: int | None = None
     key_value_group_size: int = 1
     swiftkv_lean: bool = False
+    use_kernels: bool = True
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_layers is None:

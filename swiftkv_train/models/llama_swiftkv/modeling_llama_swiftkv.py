@@ -33,6 +33,14 @@ from transformers.models.llama.modeling_llama import (
 
 from .configuration_llama_swiftkv import LlamaSwiftKVConfig
 
+try:  # Fused prefill K/V kernel: beside this file in an export, from the swiftkv_kernels package otherwise.
+    from .swiftkv_prefill_kv import concat_swiftkv_kv_weights, fused_swiftkv_kv, kernel_available
+except ImportError:
+    try:
+        from swiftkv_kernels.swiftkv_prefill_kv import concat_swiftkv_kv_weights, fused_swiftkv_kv, kernel_available
+    except ImportError:  # neither: the torch path only
+        fused_swiftkv_kv = None
+
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on one [B, H, S, D] tensor (cos/sin are [B, S, D])."""
@@ -157,14 +165,38 @@ class LlamaSwiftKVModel(LlamaModel):
         Returns a dict: leader layer index -> (key, value) over all cached + new positions.
         """
         config = self.config
-        kv_input = self.norm_swiftkv(h_m)
+        leaders = range(config.num_key_value_layers, config.num_hidden_layers, config.key_value_group_size)
+        new_kv = self._fused_key_values(h_m, position_embeddings, leaders)
+        if new_kv is None:
+            kv_input = self.norm_swiftkv(h_m)
+            new_kv = [
+                self.layers[leader].self_attn.swiftkv_key_value(kv_input, position_embeddings) for leader in leaders
+            ]
         shared = {}
-        for leader in range(config.num_key_value_layers, config.num_hidden_layers, config.key_value_group_size):
-            key, value = self.layers[leader].self_attn.swiftkv_key_value(kv_input, position_embeddings)
+        for leader, (key, value) in zip(leaders, new_kv):
             if past_key_values is not None:
                 key, value = past_key_values.update(key, value, config.swiftkv_cache_slot(leader))
             shared[leader] = (key, value)
         return shared
+
+    def _fused_key_values(self, h_m, position_embeddings, leaders):
+        """All groups' K/V from the fused Triton kernel, or None where it does not apply (no CUDA/Triton,
+        ``config.use_kernels`` off, or a gradient is needed: the kernel is inference-only)."""
+        if fused_swiftkv_kv is None or not getattr(self.config, "use_kernels", True) or not kernel_available(h_m):
+            return None
+        if torch.is_grad_enabled():
+            params = [self.norm_swiftkv.weight]
+            for leader in leaders:
+                attn = self.layers[leader].self_attn
+                params += [attn.k_proj_swiftkv.weight, attn.v_proj_swiftkv.weight]
+            if h_m.requires_grad or any(p.requires_grad for p in params):
+                return None
+        weight, bias = concat_swiftkv_kv_weights(self)
+        cos, sin = position_embeddings
+        return fused_swiftkv_kv(
+            h_m, self.norm_swiftkv.weight, self.norm_swiftkv.variance_epsilon, weight, cos, sin,
+            len(leaders), self.config.num_key_value_heads, self.layers[leaders[0]].self_attn.head_dim, bias,
+        )
 
     def run_layers(
         self,

@@ -1,0 +1,267 @@
+"""Fused distillation loss: chunked lm_head -> log-softmax -> T²·KL(teacher ‖ student), forward and backward.
+
+Same signature and semantics as `swiftkv_train.losses.chunked_kl_loss` (the torch reference, used as the
+fallback off CUDA or without Triton), so the trainer can switch with a flag.
+
+Per chunk of C masked rows:
+
+1. ONE cuBLAS GEMM ``[s_chunk; t_chunk] @ W.T`` -> a [2C, V] fp32 logits buffer (bf16/fp16 inputs, fp32
+   accumulate and fp32 output via ``torch.mm(..., out_dtype=float32)``; the logits are then as exact as the fp32
+   reference's without its fp32 copy of the head).
+2. ONE Triton kernel, one program per row: an online-softmax pass over V for the student and teacher rows gives
+   both log-partition functions and the teacher-weighted logit difference, hence the KL; a second pass writes
+   d loss / d student_logits = T·scale·(p_s − p_t) *in place* over the student logits. In bf16 the gradient is
+   written as bf16 into the first half of each fp32 row (row stride 2V in bf16 elements): every fp32 element a
+   store overwrites was already read by the same program (the store of block [j, j+B) lands on fp32 columns
+   [j/2, (j+B)/2)), and rows never overlap.
+3. cuBLAS ``grad_chunk = grad_logits @ W`` (and ``grad_W += grad_logits.T @ s_chunk`` if the head trains).
+
+So a chunk holds one [2C, V] fp32 buffer (two [C, V] "rows"), against the reference's fp32 head copy plus ~5
+[C, V] fp32 temporaries. As in the reference, the gradient is computed in forward and only [N, H] is saved.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.autograd.function import once_differentiable
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # noqa: BLE001
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = ["HAS_TRITON", "kernel_available", "fused_kl_loss", "kl_loss_reference"]
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernel_available(x: torch.Tensor) -> bool:
+    """True when the Triton path can run on ``x`` (CUDA tensor, or CPU under ``TRITON_INTERPRET=1``)."""
+    if not HAS_TRITON or x.dtype not in _SUPPORTED_DTYPES:
+        return False
+    return x.is_cuda or (_interpreting() and x.device.type == "cpu")
+
+
+def kl_loss_reference(*args, **kwargs):
+    """The torch reference: `swiftkv_train.losses.chunked_kl_loss` (imported lazily: this module is training-only)."""
+    from swiftkv_train.losses import chunked_kl_loss
+
+    return chunked_kl_loss(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Logits projection: fp32 output from low-precision inputs without an fp32 copy of the head.
+# ----------------------------------------------------------------------------------------------------------------
+
+_OUT_DTYPE_MM: dict[tuple, bool] = {}
+
+
+def _mm_supports_fp32_out(x: torch.Tensor, w: torch.Tensor) -> bool:
+    key = (x.device.type, x.dtype)
+    if key not in _OUT_DTYPE_MM:
+        try:
+            a = torch.ones(2, 2, dtype=x.dtype, device=x.device)
+            _OUT_DTYPE_MM[key] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except Exception:  # noqa: BLE001 - older torch, or backends without aten::mm.dtype (CPU)
+            _OUT_DTYPE_MM[key] = False
+    return _OUT_DTYPE_MM[key]
+
+
+def _project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T with fp32 output where the backend can (bf16/fp16 products are exact in fp32, accumulate is fp32).
+
+    Fallback: logits in the input dtype (the kernel upcasts); less exact for bf16 (≈0.1 absolute at |logit|≈20).
+    """
+    if x.dtype == torch.float32:
+        return torch.mm(x, w.t())
+    if _mm_supports_fp32_out(x, w):
+        return torch.mm(x, w.t(), out_dtype=torch.float32)
+    return torch.mm(x, w.t())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernel.
+# ----------------------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _kl_rows_kernel(
+        s_ptr,  # student logits rows (fp32, or the input dtype), row stride s_row_stride
+        t_ptr,  # teacher logits rows, row stride t_row_stride
+        g_ptr,  # gradient rows (may alias s_ptr), row stride g_row_stride
+        loss_ptr,  # [rows] fp32 per-row loss (already scaled)
+        V,
+        s_row_stride,
+        t_row_stride,
+        g_row_stride,
+        inv_t,
+        loss_scale,  # T² · reduction scale
+        grad_scale,  # T · reduction scale
+        BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        s_row = s_ptr + row * s_row_stride
+        t_row = t_ptr + row * t_row_stride
+        g_row = g_ptr + row * g_row_stride
+        cols = tl.arange(0, BLOCK_V)
+
+        # Pass 1: online log-sum-exp of both rows plus a = Σ exp(z_t − m_t)(z_t − z_s), rescaled like the sums.
+        zero = tl.sum(tl.zeros([BLOCK_V], dtype=tl.float32), axis=0)
+        m_s = zero - float("inf")
+        m_t = zero - float("inf")
+        d_s = zero
+        d_t = zero
+        a_t = zero
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            mask = offs < V
+            zs = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+            zt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+            new_m_s = tl.maximum(m_s, tl.max(zs, axis=0))
+            d_s = d_s * tl.exp(m_s - new_m_s) + tl.sum(tl.exp(zs - new_m_s), axis=0)
+            m_s = new_m_s
+            new_m_t = tl.maximum(m_t, tl.max(zt, axis=0))
+            alpha = tl.exp(m_t - new_m_t)
+            e_t = tl.exp(zt - new_m_t)  # 0 on masked columns
+            diff = tl.where(mask, zt - zs, 0.0)  # avoid (-inf) - (-inf) = nan on masked columns
+            d_t = d_t * alpha + tl.sum(e_t, axis=0)
+            a_t = a_t * alpha + tl.sum(e_t * diff, axis=0)
+            m_t = new_m_t
+        lse_s = m_s + tl.log(d_s)
+        lse_t = m_t + tl.log(d_t)
+        # KL(p_t ‖ p_s) = Σ p_t (z_t − z_s) − lse_t + lse_s
+        kl = a_t / d_t - lse_t + lse_s
+        tl.store(loss_ptr + row, kl * loss_scale)
+
+        # Pass 2: d(T²·KL)/d s = T (p_s − p_t), written over the student logits already consumed.
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            mask = offs < V
+            zs = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32) * inv_t
+            zt = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32) * inv_t
+            grad = (tl.exp(zs - lse_s) - tl.exp(zt - lse_t)) * grad_scale
+            tl.store(g_row + offs, grad.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+def _kl_rows(logits: torch.Tensor, rows: int, grad_dtype: torch.dtype, temperature: float, scale: float,
+             loss_out: torch.Tensor | None = None):
+    """Run the kernel on a [2·rows, V] logits buffer (student rows first); returns (per-row loss, grad view)."""
+    v = logits.shape[1]
+    student, teacher = logits[:rows], logits[rows:]
+    if grad_dtype == logits.dtype:
+        grad = student  # same dtype: in place, element for element
+    else:
+        # Narrower gradient dtype: write it into the first half of each (wider) student row, see module doc.
+        ratio = logits.element_size() // torch.empty((), dtype=grad_dtype).element_size()
+        grad = student.view(grad_dtype)[:, :v]
+        assert grad.stride(0) == ratio * v
+    loss_rows = torch.empty(rows, dtype=torch.float32, device=logits.device) if loss_out is None else loss_out
+    block_v = min(4096, triton.next_power_of_2(v))
+    _kl_rows_kernel[(rows,)](
+        student, teacher, grad, loss_rows, v,
+        student.stride(0), teacher.stride(0), grad.stride(0),
+        1.0 / temperature, temperature * temperature * scale, temperature * scale,
+        BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+    )
+    return loss_rows, grad
+
+
+class _FusedKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_hidden, teacher_hidden, lm_head_weight, mask, temperature, chunk_size, reduction):
+        from swiftkv_train.losses import _normaliser
+
+        hidden = student_hidden.shape[-1]
+        s_flat = student_hidden.reshape(-1, hidden)
+        t_flat = teacher_hidden.reshape(-1, hidden)
+        num_positions = s_flat.shape[0]
+        w = lm_head_weight.detach()
+        # Only masked rows need logits (as in the reference).
+        rows = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
+        num_rows = num_positions if rows is None else rows.numel()
+        scale = 1.0 / _normaliser(num_positions, num_rows, reduction)
+
+        want_grad_w = ctx.needs_input_grad[2]
+        grad_w32 = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_grad_w else None
+        grad_s = torch.zeros_like(s_flat)
+        loss_parts = []
+        for start in range(0, num_rows, chunk_size):
+            if rows is None:
+                s_chunk = s_flat[start : start + chunk_size]
+                t_chunk = t_flat[start : start + chunk_size]
+            else:
+                idx = rows[start : start + chunk_size]
+                s_chunk = s_flat.index_select(0, idx)
+                t_chunk = t_flat.index_select(0, idx)
+            c = s_chunk.shape[0]
+            x = torch.cat([s_chunk, t_chunk.to(s_chunk.dtype)]).to(w.dtype)
+            logits = _project(x, w)  # [2c, V], one GEMM for both models
+            del x
+            loss_rows, grad_logits = _kl_rows(logits, c, w.dtype, temperature, scale)
+            loss_parts.append(loss_rows)
+            g_hidden = torch.mm(grad_logits, w)  # cuBLAS accepts the 2V row stride as its leading dimension
+            if rows is None:
+                grad_s[start : start + c] = g_hidden
+            else:
+                grad_s.index_copy_(0, idx, g_hidden.to(grad_s.dtype))
+            if want_grad_w:
+                grad_w32 += torch.mm(grad_logits.t(), s_chunk.to(w.dtype)).float()
+            del logits, grad_logits, g_hidden
+        loss = torch.cat(loss_parts).sum() if loss_parts else torch.zeros((), device=s_flat.device)
+
+        saved = [grad_s.view_as(student_hidden)]
+        if want_grad_w:
+            saved.append(grad_w32.to(lm_head_weight.dtype))
+        ctx.save_for_backward(*saved)
+        ctx.want_grad_w = want_grad_w
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        saved = ctx.saved_tensors
+        grad_s = (saved[0] * grad_output).to(saved[0].dtype)
+        grad_w = (saved[1] * grad_output).to(saved[1].dtype) if ctx.want_grad_w else None
+        return grad_s, None, grad_w, None, None, None, None
+
+
+def fused_kl_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    temperature: float = 2.0,
+    chunk_size: int = 1024,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """T² · KL(p_teacher ‖ p_student) over masked positions; drop-in for `chunked_kl_loss` (same arguments).
+
+    Uses the Triton path on CUDA (or under ``TRITON_INTERPRET=1`` on CPU), the torch reference otherwise.
+    Returns an fp32 scalar; the gradient to ``student_hidden`` (and to ``lm_head_weight`` if it requires grad)
+    is computed in forward, so double backward is not supported.
+    """
+    from swiftkv_train.losses import _check_inputs
+
+    _check_inputs(student_hidden, teacher_hidden, lm_head_weight, mask, temperature, reduction)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not (kernel_available(student_hidden) and lm_head_weight.dtype in _SUPPORTED_DTYPES):
+        return kl_loss_reference(student_hidden, teacher_hidden, lm_head_weight, mask, temperature=temperature,
+                                 chunk_size=chunk_size, reduction=reduction)
+    if mask is not None:
+        mask = mask.to(device=student_hidden.device, dtype=torch.bool)
+    return _FusedKL.apply(
+        student_hidden, teacher_hidden.detach(), lm_head_weight, mask, float(temperature), int(chunk_size), reduction
+    )
