@@ -84,6 +84,8 @@ class TrainerConfig:
     export: str = "both"
     # Tokens per chunk of the logits loss (bounds the [chunk, V] logits held at once).
     loss_chunk_size: int = 1024
+    # The fused Triton KL kernel (swiftkv_kernels.kd_loss) on CUDA; the torch chunked loss elsewhere or when off.
+    fused_loss: bool = True
     # Stop (as if interrupted) after this many steps of this process: for resume tests. 0 = never.
     stop_after_steps: int = 0
 

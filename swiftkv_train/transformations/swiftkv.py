@@ -18,6 +18,18 @@ from ..transform import to_swiftkv
 from .base import Transformation
 
 
+def kl_loss_function(fused: bool):
+    """The fused Triton KL (falls back to the torch reference off CUDA) or the plain chunked torch loss."""
+    if fused:
+        try:
+            from swiftkv_kernels.kd_loss import fused_kl_loss
+
+            return fused_kl_loss
+        except ImportError:
+            pass
+    return chunked_kl_loss
+
+
 def gathered(*params):
     """Materialise ZeRO-3 partitioned parameters for reading (no-op otherwise)."""
     params = [p for p in params if hasattr(p, "ds_id")]
@@ -128,10 +140,12 @@ class SwiftKVTransformation(Transformation):
     # ---- the loss ------------------------------------------------------------------------------------------
     def loss(self, student, batch):
         out = self.forward_pair(student, batch, with_grad=True)
-        chunk = self.train_cfg.trainer.loss_chunk_size if self.train_cfg is not None else 1024
+        trainer_cfg = self.train_cfg.trainer if self.train_cfg is not None else None
+        chunk = trainer_cfg.loss_chunk_size if trainer_cfg is not None else 1024
+        kl_loss = kl_loss_function(trainer_cfg.fused_loss if trainer_cfg is not None else False)
         weight = student.lm_head.weight
         with gathered(weight):
-            kl = chunked_kl_loss(
+            kl = kl_loss(
                 out["student_final"], out["teacher_final"], weight, mask=kl_mask_from_labels(batch["labels"]),
                 temperature=self.cfg.temperature, chunk_size=chunk, reduction=self.cfg.kl_reduction,
             )
