@@ -35,6 +35,10 @@ SHAPE_PRESETS: dict[str, dict] = {
     "llama3.1-8b-shape": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336,
                               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                               max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False),
+    # 70B layers, 24 of them (~23B parameters): the 70B recipe's per-layer work on 1-2 GPUs.
+    "llama3.1-70b-shape-24l": dict(num_hidden_layers=24, hidden_size=8192, intermediate_size=28672,
+                                   num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                                   max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False),
     "llama3.1-70b-shape": dict(num_hidden_layers=80, hidden_size=8192, intermediate_size=28672,
                                num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
                                max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False),

@@ -184,6 +184,8 @@ class LlamaSwiftKVModel(LlamaModel):
         ``config.use_kernels`` off, or a gradient is needed: the kernel is inference-only)."""
         if fused_swiftkv_kv is None or not getattr(self.config, "use_kernels", True) or not kernel_available(h_m):
             return None
+        if hasattr(self.norm_swiftkv.weight, "ds_id"):  # ZeRO-3 partitioned weights: only module calls gather them
+            return None
         if torch.is_grad_enabled():
             params = [self.norm_swiftkv.weight]
             for leader in leaders:
