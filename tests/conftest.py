@@ -13,6 +13,16 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """Every test leaves os.environ as it found it: a leaked RANK/WORLD_SIZE/MASTER_PORT from one test (launch
+    helpers export them) would make a later single-process init wait for ranks that never come."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def pytest_collection_modifyitems(config, items):
     """`gpu`-marked tests need CUDA: skip them (with the reason) where there is none."""
     if torch.cuda.is_available():

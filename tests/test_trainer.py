@@ -24,7 +24,9 @@ register_schemas()
 
 def make_cfg(run_dir, *overrides, recipe="tiny_cpu_test"):
     with initialize_config_module("swiftkv_train.recipes", version_base="1.3"):
-        return compose("config", overrides=[f"recipe={recipe}", f"run_dir={run_dir}", *overrides])
+        # a short rendezvous timeout: a broken distributed environment fails the test instead of hanging it
+        return compose("config", overrides=[f"recipe={recipe}", f"run_dir={run_dir}", "launcher.init_timeout_minutes=2",
+                                            *overrides])
 
 
 def losses(run_dir):

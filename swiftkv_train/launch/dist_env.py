@@ -318,7 +318,11 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800) -> tup
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+        # DeepSpeed reads these from the environment: keep them consistent with the existing group.
+        os.environ.setdefault("RANK", str(dist.get_rank()))
+        os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
+        os.environ.setdefault("LOCAL_RANK", "0")
+        return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
 
     export_torch_env_from_slurm()
     _set_single_process_defaults(os.environ)
