@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import platform
 from pathlib import Path
@@ -27,6 +28,8 @@ _POLICY_FIELDS = {
     "h2o": ("budget", "recent_share", "observation_window"),
     "keyformer": ("budget", "recent_share", "tau_init", "tau_end", "seed", "observation_window"),
     "snapkv": ("budget", "observation_window"),
+    # Locret's trained retaining heads (a llama_locret model) ranking entries: the shared learned-score policy.
+    "locret": ("budget", "stabilizers"),
 }
 
 
@@ -64,8 +67,17 @@ def policies_from_config(cfg) -> list[tuple[str, object]]:
         settings = {k: cfg[k] for k in _POLICY_FIELDS[name] if cfg[k] is not None}
         settings.update(OmegaConf.to_container(cfg.overrides, resolve=True).get(name, {}) if cfg.overrides else {})
         label = f"{name}@{settings.get('budget', '')}"
-        out.append((label, build_policy(name, **settings)))
+        out.append((label, build_policy("learned" if name == "locret" else name, **settings)))
     return out
+
+
+def _scorer(subject: Subject, label: str):
+    """The Locret policy needs the model's retaining heads to report scores; other policies score themselves."""
+    if label.startswith("locret@"):
+        from ..policies.locret import locret_scores
+
+        return locret_scores(subject.model)
+    return contextlib.nullcontext()
 
 
 def _meta(cfg, subjects: list[Subject]) -> dict:
@@ -146,9 +158,15 @@ def evaluate(model, tokenizer, suites="fidelity", teacher=None, teacher_tokenize
             results["fidelity"] = [run_fidelity(student, teacher_subject, cfg.fidelity, progress)]
         elif suite in ("needle", "passkey"):
             variant, section = (NEEDLE, cfg.needle) if suite == "needle" else (PASSKEY, cfg.passkey)
-            results[suite] = [run_retrieval(s, variant, section, p, label, progress) for s, label, p in runs]
+            results[suite] = []
+            for s, label, p in runs:
+                with _scorer(s, label):
+                    results[suite].append(run_retrieval(s, variant, section, p, label, progress))
         elif suite == "efficiency":
-            results[suite] = [run_efficiency(s, cfg.efficiency, p, label, progress) for s, label, p in runs]
+            results[suite] = []
+            for s, label, p in runs:
+                with _scorer(s, label):
+                    results[suite].append(run_efficiency(s, cfg.efficiency, p, label, progress))
         elif suite == "lm_eval":
             results[suite] = [run_lm_eval(s, cfg.lm_eval) for s in subjects]
     results["meta"] = _meta(cfg, subjects)

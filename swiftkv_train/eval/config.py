@@ -27,6 +27,7 @@ class PolicyConfig:
     # Tokens ("512"), share of the prompt ("50%" / "0.5") or compression ratio ("4x"); per policy in `overrides`.
     budget: str = "50%"
     sink_tokens: int = 4  # StreamingLLM
+    stabilizers: int = 0  # Locret: newest entries always kept
     recent_share: float = 0.3  # H2O, Keyformer
     tau_init: float = 1.0  # Keyformer
     tau_end: float = 2.0
