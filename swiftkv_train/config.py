@@ -139,16 +139,9 @@ class RunConfig:
 
 
 def register_schemas() -> None:
-    """Register the root schema (``base_config``) and one schema per config group."""
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=RunConfig)
-    for group, node in (
-        ("model", ModelConfig),
-        ("data", DataConfig),
-        ("transform", TransformConfig),
-        ("trainer", TrainerConfig),
-        ("deepspeed", DeepSpeedConfig),
-        ("launcher", LauncherConfig),
-        ("logger", LoggerConfig),
-    ):
-        cs.store(group=group, name=f"base_{group}", node=node)
+    """Register the root schema (``base_config``), which every recipe composes on top of.
+
+    Only the root is stored: the ConfigStore is process-wide, and a stored group named e.g. ``model`` would turn
+    another Hydra app's ``model=<value>`` override into a group selection.
+    """
+    ConfigStore.instance().store(name="base_config", node=RunConfig)
