@@ -88,6 +88,10 @@ class TrainerConfig:
     fused_loss: bool = True
     # Stop (as if interrupted) after this many steps of this process: for resume tests. 0 = never.
     stop_after_steps: int = 0
+    # Evaluation-harness suites run on rank 0 at the end (e.g. [fidelity, needle]), written to <run_dir>/eval;
+    # `harness` holds their settings (the keys of `python -m swiftkv_train.eval`, e.g. {fidelity: {data: ...}}).
+    harness_suites: list[str] = field(default_factory=list)
+    harness: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

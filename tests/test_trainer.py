@@ -299,3 +299,16 @@ def test_locret_trains_through_the_same_loop(tmp_path):
     assert config["model_type"] == "llama_locret" and config["locret_budget"] == 128
     exported = load_file(str(tmp_path / "export" / "lean" / "model.safetensors"))
     assert any("retaining_head" in name for name in exported)
+
+
+def test_evaluation_harness_runs_at_the_end_of_training(tmp_path):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "held_out.txt").write_text("A held-out text about gardens, rivers and the weather. " * 40)
+    summary = run_training(make_cfg(tmp_path / "run", "trainer.max_steps=2", "trainer.export=none",
+                                    "trainer.harness_suites=[fidelity]",
+                                    f"+trainer.harness.fidelity={{data: {texts}, window: 256, num_windows: 2}}"))
+    results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
+    assert summary["harness"].endswith("results.json")
+    fidelity = results["fidelity"][0]
+    assert fidelity["tokens"] == 2 * 255 and fidelity["kl"] > 0  # the student (M=2 of 4) differs from its teacher

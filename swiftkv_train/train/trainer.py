@@ -272,11 +272,25 @@ class Trainer:
                                           t.keep_checkpoints)
             self.export()
             summary = {"step": self.step, "evals": self.evals, "trainable_parameters": self.num_trainable}
+            if t.harness_suites and self.rank == 0:
+                summary["harness"] = self.run_harness()
             if self.rank == 0:
                 (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             return summary
         finally:
             logger.close()
+
+    def run_harness(self) -> str:
+        """The evaluation harness on the trained model (its teacher mode as teacher when it has one)."""
+        from ..eval.api import evaluate
+
+        model = self.engine.module.eval()
+        teacher = "self" if hasattr(model, "swiftkv") else None
+        out = self.run_dir / "eval"
+        evaluate(model, self.tokenizer, list(self.cfg.trainer.harness_suites), teacher=teacher, out_dir=out,
+                 model_name=self.cfg.run_name, **OmegaConf.to_container(self.cfg.trainer.harness, resolve=True))
+        log.info("evaluation harness results in %s", out)
+        return str(out / "results.json")
 
     def _record_eval(self, when: str, logger: RunLogger) -> None:
         stats = self.evaluate()
