@@ -281,3 +281,21 @@ def test_real_smollm2_teacher_finds_the_needle(smollm2):
     trials = res["needle"][0]["trials"]
     assert [t["prompt_tokens"] for t in trials] == [500, 500]
     assert res["needle"][0]["accuracy"] == 1.0, trials
+
+
+def test_lm_eval_gsm8k_task_from_local_data(tiny, tmp_path):
+    """The shipped GSM8K generation task runs in process from a local jsonl (no hub): exact match is scored."""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install 'lm-eval>=0.4.8'")
+    import json
+
+    data = tmp_path / "gsm8k.jsonl"
+    rows = [{"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"},
+            {"question": "What is 10 - 4?", "answer": "10 - 4 = 6\n#### 6"}]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    model, tok = tiny
+    res = evaluate(model, tok, "lm_eval", progress=False,
+                   lm_eval={"tasks": ["swiftkv_gsm8k_local"], "limit": 2, "metadata": {"data_file": str(data)}})
+    task = res["lm_eval"][0]
+    assert task["n_samples"]["swiftkv_gsm8k_local"] == 2
+    score = task["results"]["swiftkv_gsm8k_local"]["exact_match,last-number"]
+    assert 0.0 <= score <= 1.0
