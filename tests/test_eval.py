@@ -201,7 +201,7 @@ def test_bad_inputs_give_clear_errors(tiny, tmp_path, essays):
         evaluate(model, tok, "fidelity", teacher=model, progress=False, fidelity={"data": str(tmp_path / "nope")})
     with pytest.raises(SwiftKVInputError, match="fidelity.window=4096 is longer than the model supports"):
         evaluate(model, tok, "fidelity", teacher=model, progress=False, fidelity={"data": str(essays), "window": 4096})
-    with pytest.raises(SwiftKVInputError, match="teacher=self needs a SwiftKV model"):
+    with pytest.raises(SwiftKVInputError, match="teacher=self needs a SwiftKV or CSKV model"):
         evaluate(model, tok, "fidelity", teacher="self", progress=False)
     with pytest.raises(SwiftKVInputError, match="too short"):
         evaluate(model, tok, "needle", progress=False, needle={"haystack": str(essays), "context_lengths": [100]})
@@ -299,3 +299,24 @@ def test_lm_eval_gsm8k_task_from_local_data(tiny, tmp_path):
     assert task["n_samples"]["swiftkv_gsm8k_local"] == 2
     score = task["results"]["swiftkv_gsm8k_local"]["exact_match,last-number"]
     assert 0.0 <= score <= 1.0
+
+
+def test_fidelity_of_a_cskv_model_scores_the_compressed_path(tmp_path):
+    """teacher=self works for CSKV too, and fidelity measures the compressed cache, not the exact prefill."""
+    from swiftkv_train.transformations.cskv import CSKVConfig, to_cskv
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text("Rivers run to the sea while the hills stay green in spring. " * 30)
+    base, tok = load_pretrained("random:tiny")
+    model = to_cskv(base, CSKVConfig(key_density=0.25, value_density=0.25, window=8, init="svd"))
+    res = evaluate(model, tok, "fidelity", teacher="self", progress=False,
+                   fidelity={"data": str(texts), "window": 128, "num_windows": 2})
+    kl = res["fidelity"][0]["kl"]
+    ids = torch.tensor([tok(((texts / "a.txt").read_text()), add_special_tokens=False)["input_ids"][:128]])
+    with torch.no_grad():
+        exact = model.cskv(True)(ids).logits
+        compressed = model(ids, use_cache=False, cskv_decode_from=0).logits
+        teacher = model.cskv(False)(ids).logits
+    assert torch.allclose(exact, teacher, atol=1e-5)  # a plain forward is exact: it would report KL 0
+    assert kl > 1e-4 and not torch.allclose(compressed, teacher, atol=1e-3)

@@ -19,7 +19,7 @@ from .lm_eval_suite import run_lm_eval
 from .needle import NEEDLE, PASSKEY, run_retrieval
 from .plots import write_plots
 from .report import write_results
-from .subjects import Subject, teacher_of
+from .subjects import Subject, mode_switch, teacher_of
 
 __all__ = ["evaluate", "make_config", "parse_suites", "policies_from_config"]
 
@@ -126,14 +126,14 @@ def evaluate(model, tokenizer, suites="fidelity", teacher=None, teacher_tokenize
     names = parse_suites(suites)
     if tokenizer is None:
         raise SwiftKVInputError("evaluate() needs the model's tokenizer (the model directory has none?).")
-    student = Subject(model_name, model, tokenizer, swiftkv=True if hasattr(model, "swiftkv") else None)
+    student = Subject(model_name, model, tokenizer, swiftkv=True if mode_switch(model) else None)
     subjects = [student]
     teacher_subject = None
     if isinstance(teacher, str) and teacher == "self":
         teacher_subject = teacher_of(student)
     elif teacher is not None:
         teacher_subject = Subject(teacher_name, teacher, teacher_tokenizer or tokenizer,
-                                  swiftkv=False if hasattr(teacher, "swiftkv") else None)
+                                  swiftkv=False if mode_switch(teacher) else None)
     if teacher_subject is not None:
         if teacher_subject.model.config.vocab_size != model.config.vocab_size:
             raise SwiftKVInputError(

@@ -22,24 +22,31 @@ class Subject:
 
     @contextlib.contextmanager
     def active(self):
-        if self.swiftkv is None or not hasattr(self.model, "swiftkv"):
+        toggle = mode_switch(self.model)
+        if self.swiftkv is None or toggle is None:
             yield self.model
             return
-        before = bool(self.model.config.swiftkv)
-        self.model.swiftkv(self.swiftkv)
+        before = bool(getattr(self.model.config, toggle))
+        getattr(self.model, toggle)(self.swiftkv)
         try:
             yield self.model
         finally:
-            self.model.swiftkv(before)
+            getattr(self.model, toggle)(before)
+
+
+def mode_switch(model) -> str | None:
+    """The method that switches a transformed model between itself and the original (same weights), if any:
+    ``swiftkv`` (SwiftKV) or ``cskv`` (CSKV). The ``Subject.swiftkv`` flag drives either."""
+    return next((name for name in ("swiftkv", "cskv") if callable(getattr(model, name, None))), None)
 
 
 def teacher_of(subject: Subject) -> Subject:
-    """``teacher=self``: the same SwiftKV model run as the original model (``swiftkv(False)``)."""
+    """``teacher=self``: the same SwiftKV (or CSKV) model run as the original model (``swiftkv(False)``)."""
     model = subject.model
-    if not hasattr(model, "swiftkv"):
+    if mode_switch(model) is None:
         raise SwiftKVInputError(
-            "teacher=self needs a SwiftKV model (it runs model.swiftkv(False)); this model has no SwiftKV mode: "
-            "pass the original model as teacher=<spec> instead."
+            "teacher=self needs a SwiftKV or CSKV model (it runs model.swiftkv(False) / cskv(False)); this model has "
+            "no such mode: pass the original model as teacher=<spec> instead."
         )
     if getattr(model.config, "swiftkv_lean", False):
         raise SwiftKVInputError(

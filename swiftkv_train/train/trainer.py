@@ -285,7 +285,7 @@ class Trainer:
         from ..eval.api import evaluate
 
         model = self.engine.module.eval()
-        teacher = "self" if hasattr(model, "swiftkv") else None
+        teacher = "self" if callable(getattr(model, "swiftkv", None) or getattr(model, "cskv", None)) else None
         out = self.run_dir / "eval"
         evaluate(model, self.tokenizer, list(self.cfg.trainer.harness_suites), teacher=teacher, out_dir=out,
                  model_name=self.cfg.run_name, **OmegaConf.to_container(self.cfg.trainer.harness, resolve=True))
