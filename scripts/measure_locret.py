@@ -17,7 +17,7 @@ import torch
 
 from swiftkv_train.cache_stats import cache_nbytes
 from swiftkv_train.models import load_pretrained
-from swiftkv_train.transformations.locret import LocretConfig, to_locret
+from swiftkv_train.transformations.locret import LocretConfig, prefill_peak, to_locret
 
 ESSAYS = Path("/work/shared/data/pg_essays")
 QUESTION = "Summarize the main argument of the essays above in one sentence."
@@ -44,27 +44,6 @@ def essay_prompt(tokenizer, num_tokens: int) -> torch.Tensor:
         raise SystemExit(f"only {ids.shape[1]} tokens of essays found in {ESSAYS}")
     return ids
 
-
-def peak_during_prefill(model, ids, settings) -> tuple[int, int, object]:
-    """Largest cache bytes / entries per layer seen right after any layer's attention (before its eviction)."""
-    state = {"cache": None, "bytes": 0, "entries": 0}
-
-    def grab(module, args, kwargs):
-        state["cache"] = kwargs.get("past_key_values")
-
-    def measure(module, args, output):
-        cache = state["cache"]
-        state["bytes"] = max(state["bytes"], cache_nbytes(cache))
-        state["entries"] = max(state["entries"], max(layer.num_entries for layer in cache.layers))
-
-    handles = [model.model.register_forward_pre_hook(grab, with_kwargs=True)]
-    handles += [layer.self_attn.o_proj.register_forward_hook(measure) for layer in model.model.layers]
-    try:
-        cache = model.chunked_prefill(ids, **settings)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return state["bytes"], state["entries"], cache
 
 
 def timed(fn, repeats: int):
@@ -111,7 +90,7 @@ def main():
     final_bytes = cache_nbytes(cache)
     chunked_full_s, _ = timed(lambda: model.chunked_prefill(ids, **dict(settings, locret_budget=args.tokens)),
                               args.repeats)
-    peak_bytes, peak_entries, _ = peak_during_prefill(model, ids, settings)
+    peak_bytes, peak_entries, _ = prefill_peak(model, ids, **settings)
 
     gen_full = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, locret_enabled=False)
     gen_locret = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, **settings)

@@ -11,7 +11,13 @@ from swiftkv_train.cache_stats import cache_nbytes
 from swiftkv_train.errors import SwiftKVInputError
 from swiftkv_train.export import save_hf
 from swiftkv_train.models import load_pretrained
-from swiftkv_train.transformations.locret import LocretConfig, LocretTransformation, locret_labels, to_locret
+from swiftkv_train.transformations.locret import (
+    LocretConfig,
+    LocretTransformation,
+    locret_labels,
+    prefill_peak,
+    to_locret,
+)
 
 SMALL = dict(head_hidden_size=32, budget=64, chunk_size=16, stabilizers=4, n_local=8)
 
@@ -126,27 +132,6 @@ def test_small_budget_changes_generation_and_caps_the_cache(locret_model):
 
 
 # ---- memory -------------------------------------------------------------------------------------------------
-def prefill_peak(model, ids, **settings):
-    """Largest cache (bytes, entries per layer) seen right after any layer's attention, before its eviction."""
-    state = {"cache": None, "bytes": 0, "entries": 0}
-
-    def grab_cache(module, args, kwargs):
-        state["cache"] = kwargs.get("past_key_values")
-
-    def measure(module, args, output):
-        cache = state["cache"]
-        state["bytes"] = max(state["bytes"], cache_nbytes(cache))
-        state["entries"] = max(state["entries"], max(layer.num_entries for layer in cache.layers))
-
-    handles = [model.model.register_forward_pre_hook(grab_cache, with_kwargs=True)]
-    handles += [layer.self_attn.o_proj.register_forward_hook(measure) for layer in model.model.layers]
-    try:
-        cache = model.chunked_prefill(ids, **settings)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return state["bytes"], state["entries"], cache
-
 
 def test_prefill_cache_bounded_by_budget_plus_chunk(locret_model):
     model, base, _ = locret_model

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cache_stats import cache_nbytes
 from ..errors import SwiftKVInputError
 from ..models.llama_locret import LlamaLocretConfig, LlamaLocretForCausalLM, LocretSettings, validate_locret_settings
 from ..models.llama_locret.modeling_llama_locret import LocretRetainingHead, apply_rope
@@ -372,3 +373,28 @@ __all__ = [
     "locret_model_config",
     "to_locret",
 ]
+
+
+def prefill_peak(model: LlamaLocretForCausalLM, ids: torch.Tensor, **settings) -> tuple[int, int, object]:
+    """Chunked prefill of ``ids``, measuring the largest cache held: (bytes, entries per layer, final cache).
+
+    Measured right after each layer's attention, before that layer's eviction, where the cache is largest.
+    """
+    state = {"cache": None, "bytes": 0, "entries": 0}
+
+    def grab_cache(module, args, kwargs):
+        state["cache"] = kwargs.get("past_key_values")
+
+    def measure(module, args, output):
+        cache = state["cache"]
+        state["bytes"] = max(state["bytes"], cache_nbytes(cache))
+        state["entries"] = max(state["entries"], max(layer.num_entries for layer in cache.layers))
+
+    handles = [model.model.register_forward_pre_hook(grab_cache, with_kwargs=True)]
+    handles += [layer.self_attn.o_proj.register_forward_hook(measure) for layer in model.model.layers]
+    try:
+        cache = model.chunked_prefill(ids, **settings)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return state["bytes"], state["entries"], cache
