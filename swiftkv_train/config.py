@@ -21,6 +21,8 @@ class ModelConfig:
     spec: str = MISSING
     # auto = bf16 on CUDA, fp32 on CPU. The frozen weights are held in this dtype.
     dtype: str = "auto"
+    # sdpa, eager, or varlen: flash attention over the documents of packed rows (training; falls back to SDPA with
+    # a document mask where flash cannot run). sdpa turns packed rows into a dense block-diagonal mask.
     attn_implementation: str = "sdpa"
 
 

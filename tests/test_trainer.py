@@ -312,3 +312,14 @@ def test_evaluation_harness_runs_at_the_end_of_training(tmp_path):
     assert summary["harness"].endswith("results.json")
     fidelity = results["fidelity"][0]
     assert fidelity["tokens"] == 2 * 255 and fidelity["kl"] > 0  # the student (M=2 of 4) differs from its teacher
+
+
+def test_varlen_attention_trains_like_sdpa_on_packed_rows(tmp_path):
+    """model.attn_implementation=varlen (documents of packed rows attended separately) gives SDPA's losses."""
+    run_training(make_cfg(tmp_path / "sdpa", "trainer.max_steps=2", "trainer.export=none"))
+    run_training(make_cfg(tmp_path / "varlen", "trainer.max_steps=2", "trainer.export=none",
+                          "model.attn_implementation=varlen"))
+    ref, got = losses(tmp_path / "sdpa"), losses(tmp_path / "varlen")
+    assert ref.keys() == got.keys() and ref
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-4)

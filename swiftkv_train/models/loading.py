@@ -12,6 +12,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from ..errors import SwiftKVInputError
 from . import tiny
+from .varlen_attention import NAME as VARLEN
+from .varlen_attention import register_varlen_attention
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,8 @@ def load_pretrained(
     ``spec`` is a local Hugging Face directory, a Hub id (``org/name``), a ``.gguf`` file, a named default
     (``smollm2-135m-instruct``), or ``random:<preset>`` (see :data:`tiny.PRESETS` and the real-shape
     :data:`tiny.SHAPE_PRESETS`). The model is returned in eval mode, on ``device`` when given.
+    ``attn_implementation`` is any transformers one, or ``"varlen"`` (flash attention over packed documents, for
+    training; see :mod:`swiftkv_train.models.varlen_attention`).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise SwiftKVInputError(f"model spec must be a non-empty string, got {spec!r}.")
@@ -146,6 +150,8 @@ def load_pretrained(
             f"model {spec!r} is not a directory, a .gguf file, a Hub id (org/name), one of the named defaults "
             f"({', '.join(NAMED_GGUF)}) or random:<preset>."
         )
+    if attn_implementation == VARLEN:
+        register_varlen_attention()  # packed-row training attention (see varlen_attention.py)
     if attn_implementation and model.config._attn_implementation != attn_implementation:
         model.set_attn_implementation(attn_implementation)
     if device is not None:
