@@ -136,6 +136,10 @@ def test_needle_and_efficiency_numbers(tiny, essays):
     assert [t["prompt_tokens"] for t in full["trials"]] == [300, 300, 350, 350]
     assert full["kv_bytes_per_token"] == 1024.0  # fp32: 2 (K,V) x 4 layers x 2 KV heads x 16 dims x 4 bytes
     assert all(t["kv_tokens_held"] == 32 for t in streaming["trials"])
+    # without chunking the whole prompt is cached before the first eviction: the peak is the full cache
+    assert all(t["kv_peak_bytes"] == 1024 * t["prompt_tokens"] for t in full["trials"])
+    assert all(t["kv_peak_bytes"] > 1024 * t["prompt_tokens"] for t in streaming["trials"])  # + positions
+    assert all(t["prefill_s"] > 0 for t in full["trials"])
     eff = {r["policy"]: r["rows"][0] for r in res["efficiency"]}
     assert eff["full"]["kv_bytes_per_token"] == 1024.0
     # 32 entries of K/V plus the policy's int32 positions (2 KV heads x 4 layers), per prompt token.
@@ -143,6 +147,21 @@ def test_needle_and_efficiency_numbers(tiny, essays):
     for row in eff.values():
         assert row["ttft_ms"] > 0 and row["tpot_ms"] > 0
         assert row["prefill_tokens_per_s"] == pytest.approx(64 / (row["ttft_ms"] / 1000))
+
+
+def test_needle_with_chunked_prefill_bounds_the_peak_cache(tiny, essays):
+    """prefill_chunk: a budgeted policy never holds more than budget + chunk entries (measured peak)."""
+    model, tok = tiny
+    res = evaluate(model, tok, "needle", progress=False,
+                   needle={"haystack": str(essays), "context_lengths": [300], "depths": [50], "prefill_chunk": 40},
+                   policies={"names": ["h2o"], "budget": "32"})
+    full, h2o = res["needle"]
+    assert full["kv_peak_bytes"] == 300 * 1024  # the full cache: every token, whatever the chunking
+    # K/V (1024 B per entry over all layers) + int32 positions + fp32 scores (2 KV heads x 4 layers each)
+    per_entry = 1024 + (4 + 4) * 2 * 4
+    assert h2o["kv_peak_bytes"] == (32 + 40) * per_entry
+    assert h2o["trials"][0]["kv_tokens_held"] == 32
+    assert h2o["settings"]["prefill_chunk"] == 40
 
 
 def test_lm_eval_runs_local_task_and_matches_own_loglikelihoods(tiny):

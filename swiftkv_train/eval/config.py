@@ -55,6 +55,9 @@ class NeedleConfig:
     max_new_tokens: int = 12
     snap_to_sentence: bool = True
     seed: int = 0
+    # Prefill the prompt in chunks of this many tokens, the policy evicting after each (null = one forward): a
+    # budgeted cache then never holds more than budget + chunk entries, and the peak is what is reported.
+    prefill_chunk: int | None = None
 
 
 @dataclass

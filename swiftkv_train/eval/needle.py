@@ -198,7 +198,8 @@ def run_retrieval(subject: Subject, variant: Variant, cfg, policy=None, policy_n
             value = _value(cfg.seed, variant.name, length, depth, sample, cfg.digits)
             prompt = build_prompt(tokenizer, variant, hay, length, depth / 100, value, cfg.snap_to_sentence)
             ids = torch.tensor([prompt.input_ids], device=model.device)
-            out = greedy_generate(model, ids, cfg.max_new_tokens, policy=policy, eos_token_id=eos)
+            out = greedy_generate(model, ids, cfg.max_new_tokens, policy=policy, eos_token_id=eos,
+                                  prefill_chunk=cfg.prefill_chunk)
             text = tokenizer.decode(out.tokens[0], skip_special_tokens=True)
             trials.append({
                 "length": length, "depth": depth, "sample": sample, "depth_actual": round(prompt.depth_actual, 4),
@@ -207,6 +208,7 @@ def run_retrieval(subject: Subject, variant: Variant, cfg, policy=None, policy_n
                 "correct": score_answer(text, value),
                 "kv_tokens_held": out.tokens_held_after_prefill,
                 "kv_bytes_per_token": out.cache_bytes_after_prefill / len(prompt.input_ids),
+                "kv_peak_bytes": out.cache_bytes_peak, "prefill_s": round(out.prefill_seconds, 5),
             })
     by_length = {str(n): _mean([t["correct"] for t in trials if t["length"] == n]) for n in cfg.context_lengths}
     grid = {str(n): {str(d): _mean([t["correct"] for t in trials if t["length"] == n and t["depth"] == d])
@@ -215,10 +217,14 @@ def run_retrieval(subject: Subject, variant: Variant, cfg, policy=None, policy_n
         "model": subject.name, "policy": policy_name, "variant": variant.name,
         "accuracy": _mean([t["correct"] for t in trials]), "by_length": by_length, "grid": grid,
         "kv_bytes_per_token": _mean([t["kv_bytes_per_token"] for t in trials]),
+        "kv_peak_bytes": max(t["kv_peak_bytes"] for t in trials),
+        "prefill_s_by_length": {str(n): _mean([t["prefill_s"] for t in trials if t["length"] == n])
+                                for n in cfg.context_lengths},
         "settings": {
             "haystack": None if texts is None else cfg.haystack, "context_lengths": list(cfg.context_lengths),
             "depths_percent": depths, "samples": cfg.samples, "digits": cfg.digits, "seed": cfg.seed,
             "max_new_tokens": cfg.max_new_tokens, "snap_to_sentence": cfg.snap_to_sentence,
+            "prefill_chunk": cfg.prefill_chunk,
             "question": variant.question, "answer_prefix": variant.answer_prefix,
             "chat_template": bool(getattr(tokenizer, "chat_template", None)), "length_slack_tokens": 0,
             "policy": policy.settings() if policy is not None else {"name": "full"},

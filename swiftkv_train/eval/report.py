@@ -43,8 +43,10 @@ def markdown(results: dict) -> str:
             lengths = list(runs[0]["by_length"])
             lines += [f"## {variant.capitalize()} retrieval (exact match)", ""]
             lines += _table(
-                ["model", "policy", "KV bytes/token", "all"] + [f"{n} tok" for n in lengths],
-                [[r["model"], r["policy"], r["kv_bytes_per_token"], r["accuracy"]]
+                ["model", "policy", "KV bytes/token", "peak KV MiB", "prefill s (longest)", "all"]
+                + [f"{n} tok" for n in lengths],
+                [[r["model"], r["policy"], r["kv_bytes_per_token"], r.get("kv_peak_bytes", 0) / 2**20,
+                  r.get("prefill_s_by_length", {}).get(lengths[-1]), r["accuracy"]]
                  + [r["by_length"].get(n) for n in lengths] for r in runs],
             )
             depths = runs[0]["settings"]["depths_percent"]

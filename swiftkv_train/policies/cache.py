@@ -19,6 +19,7 @@ from contextvars import ContextVar
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from ..cache_stats import cache_nbytes
 from .base import CachePolicy, SlotView, StepInfo
 
 __all__ = ["PolicyCache", "PolicyLayer", "active_cache", "record_token_scores"]
@@ -77,6 +78,7 @@ class PolicyCache(Cache):
         self.step = StepInfo(prompt_len=prompt_len, max_new_tokens=max_new_tokens)
         self._positions: torch.Tensor | None = None
         self._token = None
+        self.peak_nbytes = 0  # measured at the end of each prefill step, before its eviction: the prefill's peak
         policy.start(prompt_len, max_new_tokens)
 
     # -- the step protocol driven by the generation loop -------------------------------------------------------
@@ -89,6 +91,8 @@ class PolicyCache(Cache):
 
     def end_step(self) -> None:
         """Evict per the policy in every slot (prefill: after each chunk; decode: after each token)."""
+        if self.step.is_prefill:
+            self.peak_nbytes = max(self.peak_nbytes, cache_nbytes(self))
         if not self.step.is_prefill and not self.policy.evict_during_decode:
             return
         for slot, layer in enumerate(self.layers):

@@ -8,6 +8,7 @@ so the policy can evict. With ``policy=None`` a plain `DynamicCache` is used: th
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -75,12 +76,19 @@ def decode_step(model, token: torch.Tensor, position: int, cache, step_index: in
     return _forward(model, token, position, cache, decode_step=step_index)
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @dataclass
 class GenerationResult:
     tokens: torch.Tensor  # [B, n] generated ids
     logits: list[torch.Tensor] = field(default_factory=list)  # per generated token, [B, V] (if kept)
     cache_bytes_after_prefill: int = 0
+    cache_bytes_peak: int = 0  # the most the cache held during the prefill (before each eviction)
     tokens_held_after_prefill: int = 0
+    prefill_seconds: float = 0.0
     cache: object = None
 
 
@@ -90,8 +98,9 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, policy:
                     keep_logits: bool = False) -> GenerationResult:
     """Greedy decoding of a batch of equal-length prompts (no padding) under ``policy`` (None = full cache).
 
-    Stops early once every sequence has produced an EOS id. KV bytes after the prefill are measured from the
-    cache object (`cache_nbytes`).
+    Stops early once every sequence has produced an EOS id. KV bytes after the prefill, and their peak during it
+    (a policy cache measures itself before each eviction), are measured from the cache object (`cache_nbytes`);
+    the prefill is timed (CUDA synchronised).
     """
     from ..cache_stats import cache_nbytes
 
@@ -105,8 +114,13 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, policy:
     result = GenerationResult(tokens=input_ids.new_zeros(input_ids.shape[0], 0), cache=cache)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     with policy_attention(model, cache):
+        _synchronize(input_ids.device)
+        start = time.perf_counter()
         logits = prefill(model, input_ids, cache, prefill_chunk)
+        _synchronize(input_ids.device)
+        result.prefill_seconds = time.perf_counter() - start
         result.cache_bytes_after_prefill = cache_nbytes(cache)
+        result.cache_bytes_peak = max(getattr(cache, "peak_nbytes", 0), result.cache_bytes_after_prefill)
         result.tokens_held_after_prefill = cache.get_seq_length(0)
         for step in range(1, max_new_tokens + 1):
             token = logits.argmax(-1, keepdim=True)
