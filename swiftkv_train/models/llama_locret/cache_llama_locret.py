@@ -13,6 +13,29 @@ attention (evicts when scheduled, so only one layer at a time is over budget), `
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+try:  # Eviction kernel: beside this file in an export, from the swiftkv_kernels package otherwise.
+    from .locret_evict import kernel_available, locret_evict, locret_evict_reference
+except ImportError:
+    try:
+        from swiftkv_kernels.locret_evict import kernel_available, locret_evict, locret_evict_reference
+    except ImportError:  # neither: the torch path below only
+        locret_evict = None
+
+
+def evict_entries_torch(keys, values, scores, positions, keep: int, protect_newest: int = 0):
+    """The ``keep`` best entries per (batch row, KV head) in sequence order, ties to the earlier entry; the newest
+    ``protect_newest`` rank as +inf. Used only when the kernel file is missing: the same rule as
+    ``locret_evict_reference`` (a stable sort, unlike ``topk``), so every path keeps the same entries."""
+    n = scores.shape[-1]
+    ranking = scores.float()
+    ranking = torch.where(ranking == 0, torch.zeros_like(ranking), ranking)  # -0.0 ranks as +0.0
+    if protect_newest > 0:
+        ranking[..., n - min(protect_newest, n) :] = float("inf")
+    index = torch.sort(ranking, dim=-1, descending=True, stable=True).indices[..., :keep].sort(dim=-1).values
+    index_kv = index.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
+    return (keys.gather(2, index_kv), values.gather(2, index_kv), scores.float().gather(2, index),
+            positions.gather(2, index))
+
 
 class LocretLayer(DynamicLayer):
     """One layer's entries. Inherits DynamicLayer's bookkeeping; every method that reorders or selects entries is
@@ -20,10 +43,11 @@ class LocretLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, **kwargs):
+    def __init__(self, use_kernels: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.scores: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
+        self.use_kernels = use_kernels  # evict with the Triton kernel where it can run (CUDA)
 
     @property
     def num_entries(self) -> int:
@@ -44,22 +68,22 @@ class LocretLayer(DynamicLayer):
         return self.keys, self.values
 
     def evict(self, keep: int, protect_newest: int = 0) -> None:
-        """Keep the ``keep`` highest-scoring entries per (batch row, KV head), in their original order; the newest
-        ``protect_newest`` entries count as +inf for this eviction only (their stored scores are unchanged)."""
-        n = self.num_entries
-        if n <= keep:
+        """Keep the ``keep`` highest-scoring entries per (batch row, KV head), in their original order (compacted
+        positions rely on it); the newest ``protect_newest`` entries count as +inf for this eviction only (their
+        stored scores are unchanged). Ties go to the earlier entry, on every path."""
+        if self.num_entries <= keep:
             return
-        ranking = self.scores
-        if protect_newest > 0:
-            ranking = ranking.clone()
-            ranking[..., n - protect_newest :] = float("inf")
-        # Sorted indices keep the entries in sequence order, which compacted positions rely on.
-        index = ranking.topk(keep, dim=-1).indices.sort(dim=-1).values
-        gather_kv = index.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
-        self.keys = self.keys.gather(2, gather_kv)
-        self.values = self.values.gather(2, gather_kv)
-        self.scores = self.scores.gather(2, index)
-        self.positions = self.positions.gather(2, index)
+        self.keys, self.values, self.scores, self.positions = self._evict_fn()(
+            self.keys, self.values, self.scores, self.positions, keep, protect_newest
+        )
+
+    def _evict_fn(self):
+        """The Triton kernel when enabled and runnable on these tensors, else the torch reference."""
+        if locret_evict is None:
+            return evict_entries_torch
+        if self.use_kernels and kernel_available(self.keys) and kernel_available(self.values):
+            return locret_evict
+        return locret_evict_reference
 
     def get_seq_length(self) -> int:
         return self.num_entries  # entries held; LocretCache.get_seq_length reports tokens processed
@@ -96,9 +120,10 @@ class LocretCache(Cache):
     ``generate()`` feeds only new tokens; ``num_entries()`` is what the cache holds.
     """
 
-    def __init__(self, num_layers: int, settings):
-        super().__init__(layers=[LocretLayer() for _ in range(num_layers)])
+    def __init__(self, num_layers: int, settings, use_kernels: bool = True):
+        super().__init__(layers=[LocretLayer(use_kernels=use_kernels) for _ in range(num_layers)])
         self.settings = settings
+        self.use_kernels = use_kernels
         self.tokens_seen = 0
         self.peak_entries = 0  # the most entries any layer held at any moment (measured, for tests and reports)
         self._scheduled_keep: int | None = None
@@ -164,4 +189,4 @@ class LocretCache(Cache):
         self._step_len = self._step_local = 0
 
 
-__all__ = ["LocretCache", "LocretLayer"]
+__all__ = ["LocretCache", "LocretLayer", "evict_entries_torch"]

@@ -84,6 +84,8 @@ class LlamaLocretConfig(LlamaConfig):
 
     - ``locret_head_hidden_size``: hidden width of each retaining head (paper: 1024).
     - ``locret_enabled``: ``generate()`` runs the chunked, budgeted prefill when True; plain generation otherwise.
+    - ``use_kernels``: evict with the Triton kernel (``locret_evict``) where it can run (CUDA, Triton installed);
+      False always runs the PyTorch reference. Both keep exactly the same entries.
     Defaults are the paper's Llama-3.1-8B setting (budget 16384 + 100 local, chunk 1024, stabilizers 2500).
     """
 
@@ -97,6 +99,7 @@ class LlamaLocretConfig(LlamaConfig):
     locret_n_local: int = 100
     locret_position_mode: str = "compacted"
     locret_decode_eviction: bool = False
+    use_kernels: bool = True
 
     def validate_locret(self):
         if not _is_int(self.locret_head_hidden_size) or self.locret_head_hidden_size < 1:

@@ -257,7 +257,7 @@ class LlamaLocretForCausalLM(LlamaForCausalLM):
         evictable = length - local_here
         keep = settings.budget - local_total
         chunk = settings.chunk_size
-        cache = LocretCache(self.config.num_hidden_layers, settings)
+        cache = LocretCache(self.config.num_hidden_layers, settings, use_kernels=self.config.use_kernels)
         for start in range(0, evictable, chunk):
             end = min(start + chunk, evictable)
             protect = 0 if end == evictable else min(settings.stabilizers, keep)

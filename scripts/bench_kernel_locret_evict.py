@@ -1,0 +1,248 @@
+#!/usr/bin/env python
+"""Benchmark the Locret eviction kernel against the torch paths (prints a table, writes JSON).
+
+GPU (Llama-3.1-8B per-layer shapes: H_kv 8, D 128, bf16; not yet run on a GPU, expected well under a minute):
+    PYTHONPATH=$PWD python scripts/bench_kernel_locret_evict.py --out $OUT/locret_evict.json
+CPU smoke test (torch paths only, small shapes):
+    PYTHONPATH=$PWD python scripts/bench_kernel_locret_evict.py --device cpu --small --out /tmp/locret_evict.json
+
+One eviction = what every layer runs after each prefill chunk: N = budget + chunk entries in, ``keep`` out, the
+newest ``stabilizers`` protected. Cases: N = 16384 + 1024 keeping 16384 - 100 (the paper's budget minus its local
+tokens) and N = 4096 + 1024 keeping 4096, at batch 1 and 4. Methods:
+
+- ``torch_topk``: what ``LocretLayer.evict`` ran before the kernel (clone, +inf fill, topk, sort, four gathers).
+- ``reference``: `locret_evict_reference` (the same with a stable sort: ties go to the earlier entry).
+- ``kernel``: `locret_evict` (one Triton launch), with the automatic split and with ``num_splits=1`` (one program
+  per (batch row, KV head)), plus any ``--splits`` given.
+
+Every method's selection is checked against the reference before timing (the kernel must match it exactly).
+Bandwidth = the bytes an eviction must move (read the kept K/V rows, all scores and positions; write the kept
+rows, scores, positions) / time, also as % of the measured 3.0 TB/s H100 copy ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PEAK_COPY_TBPS = 3.0  # measured H100 copy ceiling (../shared/device/README.md)
+STABILIZERS = 2500  # the paper's Llama-3.1-8B setting: the newest entries every intermediate eviction keeps
+
+
+def import_kernel():
+    """``swiftkv_kernels`` is ``kernels/`` installed under another name: map it when the repo is not installed."""
+    if importlib.util.find_spec("swiftkv_kernels") is None:
+        spec = importlib.util.spec_from_file_location(
+            "swiftkv_kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["swiftkv_kernels"] = module
+        spec.loader.exec_module(module)
+    from swiftkv_kernels import locret_evict
+
+    return locret_evict
+
+
+# ------------------------------------------------------------------------------------------------ timing helpers
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn, device, warmup=3, repeats=20):
+    """Median milliseconds of ``fn()`` (CUDA events on GPU, perf_counter on CPU), after warm-up."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_extra_mib(fn, device):
+    """Peak memory of one ``fn()`` call above what was allocated before it (MiB; outputs included); None off CUDA."""
+    if device.type != "cuda":
+        fn()
+        return None
+    sync(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    result = fn()
+    sync(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del result
+    return peak / 2**20
+
+
+# --------------------------------------------------------------------------------------------------- the cases
+
+
+def cases(small):
+    """(batch, kv_heads, head_dim, entries N, keep, protect_newest)."""
+    if small:
+        return [(b, 2, 16, n, keep, min(40, keep)) for b in (1, 2)
+                for n, keep in ((300 + 64, 300 - 10), (128 + 64, 128))]
+    return [(b, 8, 128, n, keep, STABILIZERS) for b in (1, 4)
+            for n, keep in ((16384 + 1024, 16384 - 100), (4096 + 1024, 4096))]
+
+
+def make_inputs(batch, heads, dim, n, dtype, device, seed=0):
+    """A cache layer as the model leaves it: contiguous K/V, fp32 scores rounded to bf16 (the retaining head runs
+    in the model dtype, so ties are common), int32 positions."""
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(batch, heads, n, dim, generator=gen).to(device, dtype)
+    values = torch.randn(batch, heads, n, dim, generator=gen).to(device, dtype)
+    scores = torch.randn(batch, heads, n, generator=gen).to(torch.bfloat16).float().to(device)
+    positions = torch.arange(n, dtype=torch.int32).expand(batch, heads, n).contiguous().to(device)
+    return keys, values, scores, positions
+
+
+def torch_topk_evict(keys, values, scores, positions, keep, protect_newest):
+    """``LocretLayer.evict`` before the kernel (ties broken however topk breaks them)."""
+    n = scores.shape[-1]
+    ranking = scores.clone()
+    ranking[..., n - protect_newest :] = float("inf")
+    index = ranking.topk(keep, dim=-1).indices.sort(dim=-1).values
+    index_kv = index.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
+    return keys.gather(2, index_kv), values.gather(2, index_kv), scores.gather(2, index), positions.gather(2, index)
+
+
+def min_bytes(keys, values, n, keep):
+    """Bytes one eviction must move: kept K/V rows in and out, all scores and positions in, kept ones out."""
+    batch, heads, _, dim = keys.shape
+    rows = batch * heads
+    kv = keep * dim * (keys.element_size() + values.element_size())
+    return rows * (2 * kv + n * 8 + keep * 8)
+
+
+def same_selection(got, ref):
+    """(identical outputs, identical kept positions)."""
+    identical = all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+    return identical, torch.equal(got[3], ref[3])
+
+
+def methods(evict, split_options):
+    out = {
+        "torch_topk": torch_topk_evict,
+        "reference": evict.locret_evict_reference,
+    }
+    for splits in split_options:
+        label = "kernel" if splits is None else f"kernel(splits={splits})"
+        out[label] = lambda *a, splits=splits: evict.locret_evict(*a, num_splits=splits)
+    return out
+
+
+def bench_case(evict, case, dtype, device, repeats, split_options):
+    batch, heads, dim, n, keep, protect = case
+    inputs = make_inputs(batch, heads, dim, n, dtype, device)
+    ref = evict.locret_evict_reference(*inputs, keep, protect)
+    moved = min_bytes(inputs[0], inputs[1], n, keep)
+    row = dict(batch=batch, kv_heads=heads, head_dim=dim, entries=n, keep=keep, protect_newest=protect,
+               dtype=str(dtype).replace("torch.", ""), min_bytes=moved,
+               ideal_ms=moved / (PEAK_COPY_TBPS * 1e12) * 1e3, results={})
+    for name, fn in methods(evict, split_options).items():
+        call = lambda fn=fn: fn(*inputs, keep, protect)  # noqa: E731
+        identical, same_kept = same_selection(call(), ref)
+        if name.startswith("kernel") and not identical:
+            raise AssertionError(f"{name} differs from the reference on {case}")
+        ms = median_ms(call, device, repeats=repeats)
+        row["results"][name] = dict(ms=ms, tbps=moved / ms / 1e9, pct_copy_peak=100 * moved / ms / 1e9 / PEAK_COPY_TBPS,
+                                    peak_mib=peak_extra_mib(call, device), identical_to_reference=identical,
+                                    same_kept_entries=same_kept)
+    kernel_ms = row["results"]["kernel"]["ms"]
+    row["speedup_kernel_vs_torch_topk"] = row["results"]["torch_topk"]["ms"] / kernel_ms
+    row["speedup_kernel_vs_reference"] = row["results"]["reference"]["ms"] / kernel_ms
+    return row
+
+
+# -------------------------------------------------------------------------------------------------------- main
+
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def render(meta, rows):
+    lines = [f"# Locret eviction on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}, "
+             f"triton path: {meta['triton_path']})",
+             f"per method: median ms | achieved TB/s (% of {PEAK_COPY_TBPS} TB/s copy) | peak extra MiB; "
+             f"'*' = keeps other entries than the reference (ties)"]
+    for r in rows:
+        lines.append("")
+        lines.append(f"B={r['batch']} H={r['kv_heads']} D={r['head_dim']} N={r['entries']} keep={r['keep']} "
+                     f"protect={r['protect_newest']} {r['dtype']}: must move {r['min_bytes'] / 2**20:.1f} MiB, "
+                     f"ideal {r['ideal_ms']:.3f} ms; kernel {r['speedup_kernel_vs_torch_topk']:.2f}x vs torch_topk, "
+                     f"{r['speedup_kernel_vs_reference']:.2f}x vs reference")
+        for name, m in r["results"].items():
+            flag = "" if m["same_kept_entries"] else " *"
+            lines.append(f"  {name:<20} {m['ms']:9.3f} ms | {m['tbps']:6.2f} TB/s ({m['pct_copy_peak']:5.1f}%) | "
+                         f"{fmt(m['peak_mib'], '8.1f')} MiB{flag}")
+    return "\n".join(lines)
+
+
+def parse_splits(text):
+    return [None if s == "auto" else int(s) for s in text.split(",") if s]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--small", action="store_true", help="small shapes (CPU smoke test)")
+    parser.add_argument("--out", default=None, help="write the full results as JSON here")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--splits", default="auto,1", help="kernel variants: comma-separated num_splits, 'auto'")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    start = time.time()
+    evict = import_kernel()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    split_options = parse_splits(args.splits)
+    if None not in split_options:
+        split_options.insert(0, None)  # the automatic split is the headline "kernel" row
+    triton_path = evict.kernel_available(torch.empty(0, device=device, dtype=dtype))
+    if not triton_path:
+        print(f"note: no Triton path on {device}: the 'kernel' rows run the torch reference", file=sys.stderr)
+    meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                torch=torch.__version__, triton=getattr(evict.triton, "__version__", None),
+                python=platform.python_version(), triton_path=triton_path, small=args.small,
+                peak_copy_tbps=PEAK_COPY_TBPS, repeats=args.repeats)
+    rows = []
+    for case in cases(args.small):
+        rows.append(bench_case(evict, case, dtype, device, args.repeats, split_options))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the case's inputs are gone: start the next one from a clean pool
+    table = render(meta, rows) + f"\n\ntotal wall time {time.time() - start:.1f} s"
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(dict(meta=meta, cases=rows, table=table), indent=2) + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
