@@ -326,8 +326,10 @@ def test_export_round_trip_with_trust_remote_code(tmp_path):
     config = json.loads((export / "config.json").read_text())
     assert config["model_type"] == "llama_cskv" and config["cskv"] and config["cskv_quant_bits"] == 4
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_llama_cskv.LlamaCSKVForCausalLM"
-    assert {p.name for p in export.glob("*.py")} == {
-        "configuration_llama_cskv.py", "modeling_llama_cskv.py", "cache_llama_cskv.py", "quant_llama_cskv.py"}
+    assert {p.name for p in export.glob("*.py")} == {  # the decode kernel ships beside the modeling file
+        "configuration_llama_cskv.py", "modeling_llama_cskv.py", "cache_llama_cskv.py", "quant_llama_cskv.py",
+        "cskv_decode.py"}
+    assert config["use_kernels"] is True
 
     ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(8))
     env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}

@@ -167,3 +167,10 @@ def test_decoding_moves_tokens_out_of_the_window_and_frees_them():
     for name in ("keys", "values", "window_key_features", "key_features"):  # no hidden storage of dropped tokens
         t = getattr(layer, name)
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_unpack_of_an_empty_block_list(bits):
+    """No complete key block yet (fewer compressed tokens than the group): zero rows, not a reshape error."""
+    packed = torch.zeros(2, 0, 5, packed_size(32, bits), dtype=torch.uint8)
+    assert unpack_codes(packed, bits, 32).shape == (2, 0, 5, 32)

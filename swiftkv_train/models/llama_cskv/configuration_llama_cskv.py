@@ -21,6 +21,9 @@ class LlamaCSKVConfig(LlamaConfig):
     - ``cskv_quant_bits``: None (compressed features kept in the model dtype) or 2/4/8-bit asymmetric quantization
       (keys per channel over blocks of ``cskv_quant_group_size`` tokens, values per token over groups of
       ``cskv_quant_group_size`` channels), stored packed in uint8.
+    - ``use_kernels``: decode steps attend straight from the compressed cache with the Triton kernel
+      (``cskv_decode``: no full-precision K/V is materialised) when it can run (CUDA and Triton, inference, the
+      step's new tokens fit in the window); False always runs the plain PyTorch path.
     """
 
     model_type = "llama_cskv"
@@ -31,6 +34,7 @@ class LlamaCSKVConfig(LlamaConfig):
     cskv_window: int = 32
     cskv_quant_bits: int | None = None
     cskv_quant_group_size: int = 32
+    use_kernels: bool = True
 
     def validate_architecture(self):
         super().validate_architecture()

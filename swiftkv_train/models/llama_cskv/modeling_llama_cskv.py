@@ -12,7 +12,9 @@ positions.
 - Student mode (``config.cskv = True``):
   * with a cache (``generate``): the prompt is attended exactly (prefill); afterwards every forward appends its tokens
     to the :class:`CSKVCache` and attends to exactly what the cache holds: the last ``W`` tokens exact, older tokens
-    reconstructed (and dequantized when quantization is on);
+    reconstructed (and dequantized when quantization is on). On CUDA with Triton (``config.use_kernels``, inference,
+    at most ``W`` new tokens) the ``cskv_decode`` kernel computes that attention straight from the compressed
+    features; otherwise the older tokens' K/V are materialised and attended with the configured attention;
   * without a cache: exact attention (the whole input is a prompt), unless ``cskv_decode_from=P`` is passed: then
     queries at index ``>= P`` see what one-token-at-a-time decoding after a P-token prefill would see (keys older than
     ``W`` reconstructed, with the cache's quantization of complete key blocks), which is what fidelity evaluation
@@ -43,6 +45,14 @@ from .cache_llama_cskv import CSKVCache, CSKVCacheLayer
 from .configuration_llama_cskv import LlamaCSKVConfig
 from .quant_llama_cskv import fake_quant_keys, fake_quant_values
 
+try:  # Decode attention over the compressed cache: beside this file in an export, from swiftkv_kernels otherwise.
+    from .cskv_decode import cskv_decode_attention, kernel_available
+except ImportError:
+    try:
+        from swiftkv_kernels.cskv_decode import cskv_decode_attention, kernel_available
+    except ImportError:  # neither: the torch path only
+        cskv_decode_attention = None
+
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on one [B, H, S, D] tensor (cos/sin are [B, S, D])."""
@@ -53,6 +63,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """[B, S, H*D] -> [B, H, S, D]."""
     return x.view(*x.shape[:-1], -1, head_dim).transpose(1, 2)
+
+
+def decode_key_masks(attention_mask, q_len: int, compressed: int, window: int):
+    """The model's attention mask split for the decode kernel: ``(compressed, window)`` bool masks
+    ([B, S, T] / [B, S, w], or [B, T] / [B, S, w]; None = every compressed token / causal window), or None when the
+    mask has a form the kernel does not take (then the torch path runs).
+
+    Accepts no mask, a 4-D mask over the ``T + w`` cached keys (bool: True = attend; float: 0 = attend, as the
+    sdpa and eager masks are) and a 2-D padding mask (1 = keep) to which the window's causality is added.
+    """
+    if attention_mask is None:
+        return None, None
+    if not isinstance(attention_mask, torch.Tensor):
+        return None
+    keys = compressed + window
+    if attention_mask.dim() == 4:
+        if attention_mask.shape[1] != 1 or attention_mask.shape[2] != q_len or attention_mask.shape[3] != keys:
+            return None
+        allowed = attention_mask[:, 0] if attention_mask.dtype == torch.bool else attention_mask[:, 0] == 0
+        return allowed[..., :compressed], allowed[..., compressed:]
+    if attention_mask.dim() == 2 and attention_mask.shape[1] == keys:
+        keep = attention_mask.bool()
+        device = attention_mask.device
+        causal = torch.arange(window, device=device)[None, :] <= torch.arange(q_len, device=device)[:, None] + (
+            window - q_len)
+        return keep[:, :compressed], keep[:, None, compressed:] & causal
+    return None
 
 
 class LlamaCSKVAttention(LlamaAttention):
@@ -109,7 +146,12 @@ class LlamaCSKVAttention(LlamaAttention):
         query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
 
         if past_key_values is not None:
-            key, value = self._cached_key_value(hidden_states, key, value, past_key_values, position_ids, cskv_rotary)
+            layer, prefill = self._append_to_cache(hidden_states, key, value, past_key_values, position_ids)
+            if not prefill:
+                attn = self._kernel_decode(query, layer, attention_mask, cskv_rotary)
+                if attn is not None:
+                    return self.o_proj(attn.reshape(*hidden_states.shape[:-1], -1)), None
+                key, value = self._materialised_key_value(layer, cskv_rotary)
         elif cskv_decode_from is not None:
             return self._simulated_decode(hidden_states, query, key, value, position_ids, cskv_rotary, cskv_allowed,
                                           cskv_decode_from)
@@ -130,22 +172,57 @@ class LlamaCSKVAttention(LlamaAttention):
         attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.o_proj(attn_output), attn_weights
 
-    def _cached_key_value(self, hidden_states, key, value, cache, position_ids, rotary):
-        """Append to this layer's CSKV cache; return the K/V to attend to (all exact during prefill)."""
+    def _append_to_cache(self, hidden_states, key, value, cache, position_ids) -> tuple[CSKVCacheLayer, bool]:
+        """Append the new tokens to this layer's CSKV cache; (the layer, whether this was the prefill)."""
         layer = cache.layers[self.layer_idx]
         if not isinstance(layer, CSKVCacheLayer):
             raise TypeError(f"CSKV mode needs a CSKVCache, got a layer of type {type(layer).__name__}.")
         prefill = layer.get_seq_length() == 0
         key_features, value_features = self.compress(hidden_states)
         layer.append(key, value, key_features, value_features, position_ids)
-        if prefill:
-            return key, value
+        return layer, prefill
+
+    def _materialised_key_value(self, layer: CSKVCacheLayer, rotary) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of everything the cache holds: the compressed tokens rebuilt (dequantize, B, RoPE), then the window."""
         if rotary is None:
             raise RuntimeError("LlamaCSKVAttention needs `cskv_rotary` (the model's rotary embedding) with a cache.")
+        if layer.num_compressed == 0:  # everything still fits in the window (a prompt shorter than W)
+            return layer.keys, layer.values
         key_c, value_c = layer.compressed_features()
         rebuilt_key = self.reconstruct_key(key_c, layer.compressed_positions(), rotary)
         rebuilt_value = self.reconstruct_value(value_c)
         return torch.cat([rebuilt_key, layer.keys], dim=-2), torch.cat([rebuilt_value, layer.values], dim=-2)
+
+    def _kernel_decode(self, query, layer: CSKVCacheLayer, attention_mask, rotary) -> torch.Tensor | None:
+        """Attention output [B, S, H, D] straight from the compressed cache (the ``cskv_decode`` Triton kernel), or
+        None where it does not apply: no kernel/CUDA, ``config.use_kernels`` off, training or a gradient needed
+        (inference-only kernel), ZeRO-3 partitioned weights, no compressed token yet, more new tokens than the
+        window (then some compressed tokens would follow a query), mixed dtypes, or a mask form the kernel does not
+        take."""
+        if cskv_decode_attention is None or not getattr(self.config, "use_kernels", True):
+            return None
+        if not kernel_available(query) or query.dtype != self.k_proj_b.weight.dtype:
+            return None
+        q_len, compressed = query.shape[-2], layer.num_compressed
+        if self.training or rotary is None or compressed == 0 or q_len > layer.window:
+            return None
+        factors = (self.k_proj_b.weight, self.v_proj_b.weight)
+        if any(hasattr(w, "ds_id") for w in factors):  # ZeRO-3: only module calls gather the weights
+            return None
+        if torch.is_grad_enabled() and (query.requires_grad or any(w.requires_grad for w in factors)):
+            return None
+        masks = decode_key_masks(attention_mask, q_len, compressed, layer.keys.shape[-2])
+        if masks is None:
+            return None
+        return cskv_decode_attention(
+            query, layer.keys, layer.values, self.k_proj_b.weight, self.v_proj_b.weight, rotary.inv_freq,
+            layer.first_position, self.scaling,
+            key_features=layer.key_features, value_features=layer.value_features, quant_bits=layer.quant_bits,
+            group_size=layer.group_size, key_packed=layer.key_packed, key_scale=layer.key_scale,
+            key_min=layer.key_min, value_packed=layer.value_packed, value_scale=layer.value_scale,
+            value_min=layer.value_min, key_bias=self.k_proj.bias, value_bias=self.v_proj.bias,
+            compressed_mask=masks[0], window_mask=masks[1], attention_scaling=rotary.attention_scaling,
+        )
 
     def _simulated_decode(self, hidden_states, query, key, value, position_ids, rotary, allowed, decode_from):
         """Attention as cached decoding would compute it: see the module docstring (``cskv_decode_from``)."""
@@ -403,4 +480,5 @@ __all__ = [
     "LlamaCSKVForCausalLM",
     "allowed_keys",
     "apply_rope",
+    "decode_key_masks",
 ]

@@ -50,7 +50,8 @@ def unpack_codes(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tenso
         return packed[..., :num_codes]
     shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
     codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.view(*packed.shape[:-1], -1)[..., :num_codes].to(torch.uint8)
+    # the explicit size (not -1) also works when there are no rows yet (an empty cache)
+    return codes.view(*packed.shape[:-1], packed.shape[-1] * per_byte)[..., :num_codes].to(torch.uint8)
 
 
 def quantize_groups(x: torch.Tensor, bits: int, group_size: int):
