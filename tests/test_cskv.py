@@ -370,3 +370,23 @@ def test_cache_type_mismatches_are_refused():
         with pytest.raises(RuntimeError, match="CSKVCache stores compressed features"):
             cache.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16), 0)
     assert isinstance(student, LlamaCSKVForCausalLM)
+
+
+@pytest.mark.parametrize("quant_bits", [None, 4])
+def test_harness_decoding_loop_uses_the_compressed_cache(quant_bits):
+    """The evaluation loop (greedy_generate) keeps one cache object across steps: for a CSKV model it must be the
+    CSKVCache the model fills (model.new_cache()), so its tokens equal model.generate's."""
+    from swiftkv_train.models.tiny import random_model
+    from swiftkv_train.policies.generate import greedy_generate
+    from swiftkv_train.transformations.cskv import to_cskv
+
+    torch.manual_seed(0)
+    model = to_cskv(random_model("tiny", dtype=torch.float32),
+                    CSKVConfig(window=8, quant_bits=quant_bits, key_density=0.5, value_density=0.5)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 40))
+    for mode in (True, False):
+        model.cskv(mode)
+        loop = greedy_generate(model, ids, 12)
+        assert isinstance(loop.cache, CSKVCache) == mode
+        want = model.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)[:, 40:]
+        assert torch.equal(loop.tokens, want)

@@ -47,7 +47,7 @@ class _Timer:
 
 @torch.no_grad()
 def _one_run(model, ids, output_length, policy, timer):
-    cache = new_cache(policy, ids.shape[1], output_length)
+    cache = new_cache(policy, ids.shape[1], output_length, model)
     with policy_attention(model, cache):
         timer.start()
         logits = prefill(model, ids, cache)

@@ -44,8 +44,13 @@ def policy_attention(model, cache):
         _ACTIVE.reset(token)
 
 
-def new_cache(policy: CachePolicy | None, prompt_len: int, max_new_tokens: int):
-    return DynamicCache() if policy is None else PolicyCache(policy, prompt_len, max_new_tokens)
+def new_cache(policy: CachePolicy | None, prompt_len: int, max_new_tokens: int, model=None):
+    """The policy's cache; without a policy, the model's own kind (``model.new_cache()``, e.g. CSKV's compressed
+    cache) or a DynamicCache. The loop keeps passing this object, so it must be the one the model fills."""
+    if policy is not None:
+        return PolicyCache(policy, prompt_len, max_new_tokens)
+    make = getattr(model, "new_cache", None)
+    return make() if callable(make) else DynamicCache()
 
 
 def _forward(model, ids, start: int, cache, decode_step: int):
@@ -110,7 +115,7 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, policy:
         raise SwiftKVInputError(f"max_new_tokens={max_new_tokens} must be >= 1.")
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     prompt_len = input_ids.shape[1]
-    cache = new_cache(policy, prompt_len, max_new_tokens)
+    cache = new_cache(policy, prompt_len, max_new_tokens, model)
     result = GenerationResult(tokens=input_ids.new_zeros(input_ids.shape[0], 0), cache=cache)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     with policy_attention(model, cache):

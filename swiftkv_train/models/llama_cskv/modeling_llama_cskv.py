@@ -409,6 +409,11 @@ class LlamaCSKVForCausalLM(LlamaForCausalLM):
         self.config.cskv = bool(enabled)
         return self
 
+    def new_cache(self) -> Cache:
+        """An empty cache of the kind the current mode fills: a CSKVCache in CSKV mode, a DynamicCache otherwise
+        (for decoding loops that keep their own cache object across steps)."""
+        return CSKVCache(self.config) if self.config.cskv else DynamicCache(config=self.config)
+
     def cskv_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The low-rank factors A and B of every layer (what CSKV trains)."""
         return [(n, p) for n, p in self.named_parameters() if n.rsplit(".", 2)[-2] in CSKV_FACTOR_NAMES]
