@@ -9,6 +9,12 @@ elementwise kernels each) and G cache copies. Here it is three launches whatever
    parts and writes K and V into one [G, 2, B, H_kv, S, D] buffer, so every ``buf[g, 0]`` / ``buf[g, 1]`` is a
    contiguous [B, H_kv, S, D] tensor, the layout the model's cache and attention take.
 
+Two more inference ops for the decoder layers of the SwiftKV model (the prefill's first M layers are most of its
+time; their eager RMSNorm and SiLU-times-up each make several passes over [tokens, width] tensors):
+
+4. ``rms_norm``: LlamaRMSNorm in one pass (the same Triton kernel as step 1).
+5. ``silu_mul``: ``silu(gate) * up`` in one pass (the MLP's activation), rounding where torch rounds.
+
 Inference only (no autograd): training keeps the torch path.
 
 Self-contained on purpose (imports only torch, and triton when present): the SwiftKV export copies this file next
@@ -35,6 +41,8 @@ except Exception:  # noqa: BLE001 - a broken triton install must not break model
 __all__ = [
     "HAS_TRITON",
     "kernel_available",
+    "rms_norm",
+    "silu_mul",
     "fused_swiftkv_kv",
     "swiftkv_kv_reference",
     "concat_swiftkv_kv_weights",
@@ -67,6 +75,10 @@ def _rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> to
     x32 = x.to(torch.promote_types(x.dtype, torch.float32))
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
+
+
+def _silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up  # LlamaMLP's act_fn(gate_proj(x)) * up_proj(x)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -143,6 +155,16 @@ if HAS_TRITON:
         tl.store(y_ptr + row * y_row_stride + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        """Flat elementwise; rounds silu(gate) to the dtype before the product, as the two torch ops do."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(y_ptr + offs, (act * u).to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _rope_scatter_kernel(
         kv_ptr,  # [n_rows, G*2*HKV*D] GEMM result, row stride kv_row_stride
         cos_ptr,
@@ -211,6 +233,34 @@ def _rms_norm_triton(x2d: torch.Tensor, weight: torch.Tensor, eps: float, out_dt
     _rmsnorm_kernel[(n,)](x2d, weight, y, x2d.stride(0), y.stride(0), hidden, float(eps), BLOCK_H=block,
                           num_warps=num_warps)
     return y
+
+
+def _no_grad_needed(*tensors: torch.Tensor) -> bool:
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm forward: one Triton pass where it can run (and no gradient is needed), else the reference."""
+    usable = kernel_available(x) and weight.dtype in _SUPPORTED_DTYPES and x.shape[-1] <= 16384
+    if not usable or not _no_grad_needed(x, weight) or x.numel() == 0:
+        return _rms_norm_reference(x, weight, eps)
+    x2d = x.reshape(-1, x.shape[-1])
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    out = _rms_norm_triton(x2d, weight, eps, torch.promote_types(weight.dtype, x.dtype))
+    return out.view(*x.shape[:-1], x.shape[-1])
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``: one Triton pass where it can run (and no gradient is needed), else torch."""
+    usable = (kernel_available(gate) and gate.dtype == up.dtype and gate.shape == up.shape
+              and gate.is_contiguous() and up.is_contiguous())
+    if not usable or not _no_grad_needed(gate, up) or gate.numel() == 0:
+        return _silu_mul_reference(gate, up)
+    out = torch.empty_like(gate)
+    block = 2048
+    _silu_mul_kernel[(triton.cdiv(gate.numel(), block),)](gate, up, out, gate.numel(), BLOCK=block, num_warps=8)
+    return out
 
 
 def _fused_triton(h_m, norm_weight, eps, kv_weight_cat, cos, sin, num_groups, num_kv_heads, head_dim, kv_bias_cat,

@@ -1,4 +1,4 @@
-"""Fused kernels (issue 7): SwiftKV prefill K/V and the fused distillation loss.
+"""Fused kernels (issue 7): SwiftKV prefill K/V (+ the layers' RMSNorm and SiLU*up) and the fused distillation loss.
 
 - CPU (always): the torch references against independent computations (the model's own unfused path, the naive
   loss), the public functions' CPU fallback, one tiny Triton-interpreter run of each kernel (subprocess with
@@ -249,6 +249,16 @@ for dtype, fp32_logits in ((torch.float32, False), (torch.bfloat16, True)):
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     gtol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(g.float(), rg, rtol=gtol, atol=gtol * rg.abs().max().item())
+# Layer ops: RMSNorm (hidden not a power of two) and silu(gate) * up (n not a multiple of the block).
+# bf16 tolerance: the interpreter truncates fp32 -> bf16 where the GPU rounds (2 roundings: up to 2 ulps).
+for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+    x = (torch.randn(3, 7, 200) * 3).to(dtype)
+    w = (1 + 0.3 * torch.randn(200)).to(dtype)
+    torch.testing.assert_close(skv.rms_norm(x, w, 1e-6).float(), skv._rms_norm_reference(x, w, 1e-6).float(),
+                               rtol=tol, atol=tol)
+    g, u = (torch.randn(5, 2100) * 4).to(dtype), torch.randn(5, 2100).to(dtype)
+    torch.testing.assert_close(skv.silu_mul(g, u).float(), (torch.nn.functional.silu(g) * u).float(),
+                               rtol=tol, atol=tol)
 print("INTERPRETER_OK")
 """
 
@@ -292,6 +302,8 @@ def test_triton_kernels_compile_for_sm90(dtype):
     for d, block_n in ((128, 32), (64, 64)):
         compile_(swiftkv_prefill_kv._rope_scatter_kernel, rope_sig,
                  {"HKV": 8, "D": d, "HALF": d // 2, "HALF_BLOCK": d // 2, "BLOCK_N": block_n}, 4)
+    compile_(swiftkv_prefill_kv._silu_mul_kernel,
+             {"g_ptr": f"*{dtype}", "u_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "n": "i64"}, {"BLOCK": 2048}, 8)
     kl_sig = {"s_ptr": "*fp32", "t_ptr": "*fp32", "g_ptr": f"*{dtype}", "loss_ptr": "*fp32", "V": i32,
               "s_row_stride": i32, "t_row_stride": i32, "g_row_stride": i32, "inv_t": "fp32", "loss_scale": "fp32",
               "grad_scale": "fp32"}
@@ -364,6 +376,55 @@ def test_gpu_fused_swiftkv_kv_matches_model(g):
     for leader, (k, v) in zip(leaders, got):
         torch.testing.assert_close(k, shared[leader][0], rtol=2e-2, atol=4e-2)
         torch.testing.assert_close(v, shared[leader][1], rtol=2e-2, atol=4e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,hidden", [(1, 4096), (8192 + 3, 4096), (77, 576), (5, 200)])
+def test_gpu_layer_ops_match_torch(dtype, rows, hidden):
+    """rms_norm == LlamaRMSNorm's maths; silu_mul == F.silu(gate) * up (bf16: within one rounding step)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    x = (torch.randn(rows, hidden, device=DEV) * 3).to(dtype)
+    norm = LlamaRMSNorm(hidden, eps=1e-5).to(DEV, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(hidden, device=DEV))
+        got, want = swiftkv_prefill_kv.rms_norm(x, norm.weight, 1e-5), norm(x)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    gate, up = (torch.randn(rows, 3 * hidden + 1, device=DEV) * 4).to(dtype), torch.randn(
+        rows, 3 * hidden + 1, device=DEV).to(dtype)
+    got = swiftkv_prefill_kv.silu_mul(gate, up)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, torch.nn.functional.silu(gate) * up, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+def test_gpu_swiftkv_model_with_fused_layer_ops_matches_torch_path(monkeypatch):
+    """The whole SwiftKV model in bf16 with use_kernels on (fused K/V, RMSNorm, SiLU*up) vs off: same logits
+    within bf16 noise, and the fused ops really ran."""
+    student = _tiny_swiftkv(m=2, g=1).to(DEV, torch.bfloat16).eval()
+    ids = torch.randint(0, student.config.vocab_size, (2, 57), device=DEV)
+    calls = {"rms_norm": 0, "silu_mul": 0}
+    from swiftkv_train.models.llama_swiftkv import modeling_llama_swiftkv as modeling
+
+    for name in calls:
+        original = getattr(modeling, name)
+
+        def counted(*args, _original=original, _name=name):
+            calls[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(modeling, name, counted)
+    with torch.no_grad():
+        student.config.use_kernels = False
+        want = student(ids).logits.float()
+        assert calls == {"rms_norm": 0, "silu_mul": 0}
+        student.config.use_kernels = True
+        got = student(ids).logits.float()
+    assert calls["rms_norm"] > 0 and calls["silu_mul"] > 0
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
 
 
 # (batch, seq, hidden, vocab, chunk_size)

@@ -33,19 +33,58 @@ from transformers.models.llama.modeling_llama import (
 
 from .configuration_llama_swiftkv import LlamaSwiftKVConfig
 
-try:  # Fused prefill K/V kernel: beside this file in an export, from the swiftkv_kernels package otherwise.
-    from .swiftkv_prefill_kv import concat_swiftkv_kv_weights, fused_swiftkv_kv, kernel_available
+try:  # Fused prefill kernels: beside this file in an export, from the swiftkv_kernels package otherwise.
+    from .swiftkv_prefill_kv import concat_swiftkv_kv_weights, fused_swiftkv_kv, kernel_available, rms_norm, silu_mul
 except ImportError:
     try:
-        from swiftkv_kernels.swiftkv_prefill_kv import concat_swiftkv_kv_weights, fused_swiftkv_kv, kernel_available
+        from swiftkv_kernels.swiftkv_prefill_kv import (
+            concat_swiftkv_kv_weights,
+            fused_swiftkv_kv,
+            kernel_available,
+            rms_norm,
+            silu_mul,
+        )
     except ImportError:  # neither: the torch path only
-        fused_swiftkv_kv = None
+        fused_swiftkv_kv = rms_norm = silu_mul = None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on one [B, H, S, D] tensor (cos/sin are [B, S, D])."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return (x * cos) + (rotate_half(x) * sin)
+
+
+def _fused_inference(config, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a layer may run its fused Triton op: kernels on, CUDA, no gradient, weights not ZeRO-3 partitioned."""
+    return (
+        rms_norm is not None
+        and getattr(config, "use_kernels", True)
+        and kernel_available(x)
+        and not hasattr(weight, "ds_id")
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    )
+
+
+class LlamaSwiftKVRMSNorm(LlamaRMSNorm):
+    """LlamaRMSNorm (same weight), in one Triton pass at inference on CUDA (``config.use_kernels``)."""
+
+    def __init__(self, config: LlamaSwiftKVConfig):
+        super().__init__(config.hidden_size, eps=config.rms_norm_eps)
+        self.config = config
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if _fused_inference(self.config, hidden_states, self.weight):
+            return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        return super().forward(hidden_states)
+
+
+class LlamaSwiftKVMLP(LlamaMLP):
+    """LlamaMLP (same weights), with ``silu(gate) * up`` in one Triton pass at inference on CUDA."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.hidden_act in ("silu", "swish") and _fused_inference(self.config, x, self.gate_proj.weight):
+            return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        return super().forward(x)
 
 
 class LlamaSwiftKVAttention(LlamaAttention):
@@ -128,9 +167,9 @@ class LlamaSwiftKVDecoderLayer(LlamaDecoderLayer):
         self.gradient_checkpointing = False
         self.hidden_size = config.hidden_size
         self.self_attn = LlamaSwiftKVAttention(config=config, layer_idx=layer_idx)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = LlamaSwiftKVMLP(config)
+        self.input_layernorm = LlamaSwiftKVRMSNorm(config)
+        self.post_attention_layernorm = LlamaSwiftKVRMSNorm(config)
 
 
 def _last_query_row(attention_mask):
@@ -153,8 +192,8 @@ class LlamaSwiftKVModel(LlamaModel):
         self.layers = nn.ModuleList(
             [LlamaSwiftKVDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.norm_swiftkv = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = LlamaSwiftKVRMSNorm(config)
+        self.norm_swiftkv = LlamaSwiftKVRMSNorm(config)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.post_init()
