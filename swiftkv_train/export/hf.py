@@ -101,27 +101,49 @@ _REPO_KERNELS = Path(__file__).resolve().parents[2] / "kernels"
 def _copy_model_code(model: torch.nn.Module, out_dir: Path) -> dict[str, str]:
     """Copy the model's package files (modeling, configuration, siblings) and return the ``auto_map``.
 
-    Kernel files the modeling code imports relatively (``from .swiftkv_prefill_kv import ...``) but which live in
-    the ``swiftkv_kernels`` package are copied beside them, so ``trust_remote_code`` loading finds them.
+    A module the shipped code imports relatively (``from .name import ...``, inside ``try`` blocks too, as
+    transformers finds them) that is not beside it is copied in: kernel files from the ``swiftkv_kernels``
+    package (``from .swiftkv_prefill_kv import ...``), else the file of one sibling model package
+    (``swiftkv_train/models/*/``: the Locret cache imports CSKV's ``quant_llama_cskv``). Copied files are
+    scanned the same way, so their own relative imports travel too.
     """
     model_file = Path(inspect.getfile(type(model)))
     config_file = Path(inspect.getfile(type(model.config)))
+    models_dir = model_file.parent.parent  # swiftkv_train/models: the sibling model packages
+
+    def find(name: str, importer: Path) -> Path:
+        try:
+            spec = importlib.util.find_spec(f"swiftkv_kernels.{name}")
+        except ImportError:  # swiftkv_kernels itself not importable (repo used without installing)
+            spec = None
+        source = Path(spec.origin) if spec is not None and spec.origin else _REPO_KERNELS / f"{name}.py"
+        if source.is_file():
+            return source
+        siblings = sorted(models_dir.glob(f"*/{name}.py"))
+        if len(siblings) == 1:
+            return siblings[0]
+        if siblings:
+            raise FileNotFoundError(
+                f"{importer.name} imports .{name}: several model packages hold it "
+                f"({', '.join(s.parent.name for s in siblings)}), so the export cannot tell which to ship"
+            )
+        raise FileNotFoundError(
+            f"{importer.name} imports .{name}: found neither beside it, nor in swiftkv_kernels, nor in a model "
+            f"package under {models_dir}"
+        )
+
     for src in sorted(model_file.parent.glob("*.py")):
         if src.name != "__init__.py":
             shutil.copy2(src, out_dir / src.name)
-    for src in sorted(out_dir.glob("*.py")):
+    pending = sorted(out_dir.glob("*.py"))
+    while pending:
+        src = pending.pop(0)
         # the same pattern transformers uses to find the relative imports it will load
         for name in re.findall(r"^\s*from\s+\.(\S+)\s+import", src.read_text(encoding="utf-8"), flags=re.MULTILINE):
             if (out_dir / f"{name}.py").exists():
                 continue
-            try:
-                spec = importlib.util.find_spec(f"swiftkv_kernels.{name}")
-            except ImportError:  # swiftkv_kernels itself not importable (repo used without installing)
-                spec = None
-            source = Path(spec.origin) if spec is not None and spec.origin else _REPO_KERNELS / f"{name}.py"
-            if not source.is_file():
-                raise FileNotFoundError(f"{src.name} imports .{name}: found neither beside it nor in swiftkv_kernels")
-            shutil.copy2(source, out_dir / f"{name}.py")
+            shutil.copy2(find(name, src), out_dir / f"{name}.py")
+            pending.append(out_dir / f"{name}.py")
     return {
         "AutoConfig": f"{config_file.stem}.{type(model.config).__name__}",
         "AutoModelForCausalLM": f"{model_file.stem}.{type(model).__name__}",

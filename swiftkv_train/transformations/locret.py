@@ -43,7 +43,10 @@ from .base import Transformation
 SOURCE_TYPES = ("llama", "mistral", "llama_locret")
 # Fields of the source config that must not be carried over to the new model type.
 _DROP_FIELDS = ("model_type", "architectures", "auto_map", "transformers_version", "sliding_window", "dtype")
-_INFERENCE_FIELDS = ("budget", "chunk_size", "stabilizers", "n_local", "position_mode", "decode_eviction")
+_INFERENCE_FIELDS = (
+    "budget", "chunk_size", "stabilizers", "n_local", "position_mode", "decode_eviction", "quant_bits",
+    "quant_group_size",
+)
 
 
 @dataclass
@@ -58,7 +61,9 @@ class LocretConfig:
     ``stabilizers`` 2500, ``n_local`` 100, ``position_mode`` "compacted" (the paper's: keys cached before RoPE and
     re-rotated at positions 0..len(cache)-1, so positions never exceed budget + chunk + generated tokens and
     prompts longer than the model's trained context stay in its position range; "original" keeps true positions,
-    exact relative distances but positions up to the prompt length), ``decode_eviction`` False (the paper's).
+    exact relative distances but positions up to the prompt length), ``decode_eviction`` False (the paper's),
+    ``quant_bits`` None (the paper's; 2, 4 or 8: evict, then store the surviving entries quantized with CSKV's
+    group-wise quantizer, per token in groups of ``quant_group_size`` (32) channels along head_dim).
     """
 
     head_hidden_size: int = 1024
@@ -72,6 +77,8 @@ class LocretConfig:
     n_local: int = 100
     position_mode: str = "compacted"
     decode_eviction: bool = False
+    quant_bits: int | None = None
+    quant_group_size: int = 32
 
     @classmethod
     def from_node(cls, node) -> "LocretConfig":

@@ -10,6 +10,13 @@ from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
 POSITION_MODES = ("compacted", "original")
+QUANT_BITS = (2, 4, 8)  # locret_quant_bits: None (entries kept in the model dtype) or one of these
+# Settings whose None is a real value (no quantization), so an explicit per-call None overrides the config.
+_NULLABLE_SETTINGS = ("quant_bits",)
+_SETTING_NAMES = (
+    "budget", "chunk_size", "stabilizers", "n_local", "position_mode", "decode_eviction", "quant_bits",
+    "quant_group_size",
+)
 
 
 class LocretSettingsError(ValueError):
@@ -36,6 +43,13 @@ class LocretSettings:
       every step) or ``original`` (keys cached after RoPE at their true positions).
     - ``decode_eviction``: evict during decoding too (back to ``budget`` each time decoding has added
       ``chunk_size`` entries); the paper never evicts while decoding.
+    - ``quant_bits``: None (entries kept in the model dtype, the paper's) or 2, 4 or 8: evict, then store
+      quantized, with CSKV's group-wise asymmetric quantizer (``quant_llama_cskv``). Each entry's key and value
+      are quantized per token in groups of ``quant_group_size`` channels along head_dim (one scale and one
+      minimum per group, in the model dtype; codes packed in uint8). The entries of the step being processed are
+      attended at full precision and quantized after that layer's eviction, so only the current chunk is ever
+      held unquantized; later steps attend to the dequantized entries. Eviction (scores, ties) is unchanged.
+    - ``quant_group_size``: channels per quantization group (the last group of a head may be shorter).
     """
 
     budget: int
@@ -44,6 +58,8 @@ class LocretSettings:
     n_local: int
     position_mode: str = "compacted"
     decode_eviction: bool = False
+    quant_bits: int | None = None
+    quant_group_size: int = 32
 
     @property
     def evictable_budget(self) -> int:
@@ -75,6 +91,15 @@ def validate_locret_settings(settings: LocretSettings, prefix: str = "locret_") 
         )
     if not isinstance(s.decode_eviction, bool):
         raise settings_error(f"{prefix}decode_eviction={s.decode_eviction!r} is invalid: use True or False.")
+    if s.quant_bits is not None and (not _is_int(s.quant_bits) or s.quant_bits not in QUANT_BITS):
+        raise settings_error(
+            f"{prefix}quant_bits={s.quant_bits!r} is invalid: use None (no quantization), 2, 4 or 8."
+        )
+    if not _is_int(s.quant_group_size) or s.quant_group_size < 1:
+        raise settings_error(
+            f"{prefix}quant_group_size={s.quant_group_size!r} is invalid: use an integer >= 1 (channels per "
+            "quantization group along head_dim)."
+        )
     return s
 
 
@@ -85,8 +110,12 @@ class LlamaLocretConfig(LlamaConfig):
     - ``locret_head_hidden_size``: hidden width of each retaining head (paper: 1024).
     - ``locret_enabled``: ``generate()`` runs the chunked, budgeted prefill when True; plain generation otherwise.
     - ``use_kernels``: evict with the Triton kernel (``locret_evict``) where it can run (CUDA, Triton installed);
-      False always runs the PyTorch reference. Both keep exactly the same entries.
-    Defaults are the paper's Llama-3.1-8B setting (budget 16384 + 100 local, chunk 1024, stabilizers 2500).
+      False always runs the PyTorch reference. Both keep exactly the same entries. (A quantized cache evicts
+      with the reference's selection and gathers its packed codes, scales and minimums with it.)
+    - ``locret_quant_bits`` / ``locret_quant_group_size``: the optional quantized store (None, 2, 4 or 8 bits;
+      groups of channels along head_dim), combining Locret with CSKV's quantizer: evict, then store quantized.
+    Defaults are the paper's Llama-3.1-8B setting (budget 16384 + 100 local, chunk 1024, stabilizers 2500), no
+    quantization.
     """
 
     model_type = "llama_locret"
@@ -99,6 +128,8 @@ class LlamaLocretConfig(LlamaConfig):
     locret_n_local: int = 100
     locret_position_mode: str = "compacted"
     locret_decode_eviction: bool = False
+    locret_quant_bits: int | None = None
+    locret_quant_group_size: int = 32
     use_kernels: bool = True
 
     def validate_locret(self):
@@ -109,19 +140,26 @@ class LlamaLocretConfig(LlamaConfig):
         validate_locret_settings(self.locret_settings())
 
     def locret_settings(self, **overrides) -> LocretSettings:
-        """The config's settings with per-call overrides (keys without the ``locret_`` prefix), unvalidated."""
-        fields = {
-            name: getattr(self, f"locret_{name}")
-            for name in ("budget", "chunk_size", "stabilizers", "n_local", "position_mode", "decode_eviction")
-        }
+        """The config's settings with per-call overrides (keys without the ``locret_`` prefix), unvalidated.
+
+        An override of None keeps the config's value, except for ``quant_bits``, where None is a value (no
+        quantization): ``quant_bits=None`` turns a configured quantization off for this call."""
+        fields = {name: getattr(self, f"locret_{name}") for name in _SETTING_NAMES}
         unknown = set(overrides) - set(fields)
         if unknown:
             raise settings_error(
                 f"unknown Locret setting(s) {sorted('locret_' + k for k in unknown)}: use "
                 f"{', '.join('locret_' + k for k in fields)}."
             )
-        fields.update({k: v for k, v in overrides.items() if v is not None})
+        fields.update({k: v for k, v in overrides.items() if v is not None or k in _NULLABLE_SETTINGS})
         return LocretSettings(**fields)
 
 
-__all__ = ["LlamaLocretConfig", "LocretSettings", "LocretSettingsError", "settings_error", "validate_locret_settings"]
+__all__ = [
+    "QUANT_BITS",
+    "LlamaLocretConfig",
+    "LocretSettings",
+    "LocretSettingsError",
+    "settings_error",
+    "validate_locret_settings",
+]

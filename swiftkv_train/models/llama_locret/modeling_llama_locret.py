@@ -10,6 +10,11 @@ Self-contained: imports only torch, transformers and the sibling files, so the s
   layer is over budget at a time).
 - ``generate()`` runs ``chunked_prefill`` on the prompt (all but its last token) and then the usual transformers
   generation on that cache; the ``locret_*`` config fields can be overridden per call as keyword arguments.
+- ``locret_quant_bits`` (2, 4 or 8; None by default) combines Locret with CSKV's quantized cache: evict, then
+  store quantized. Each attention attends to its new tokens' exact keys/values and to the stored entries
+  dequantized (keys then rotated, in compacted mode); after the layer's eviction the surviving new entries are
+  quantized per token (groups of ``locret_quant_group_size`` channels along head_dim) into the cache, so only the
+  current chunk is held at full precision (``cache_llama_locret`` describes the layout).
 
 Retaining head input layout (per token, per layer): ``cat(q_proj(x), k_proj(x), v_proj(x))`` before RoPE, each
 projection in its native head-major order, i.e. [q head 0 .. q head H_q-1, k head 0 .. H_kv-1, v head 0 ..
@@ -274,9 +279,10 @@ class LlamaLocretForCausalLM(LlamaForCausalLM):
         """transformers' ``generate`` after a budgeted chunked prefill of the prompt.
 
         Extra keywords: any ``locret_*`` config field (``locret_budget``, ``locret_chunk_size``,
-        ``locret_stabilizers``, ``locret_n_local``, ``locret_position_mode``, ``locret_decode_eviction``) for
-        this call, and ``locret_enabled=False`` for plain full-cache generation. Given ``past_key_values`` or
-        ``inputs_embeds``, generation is the plain one."""
+        ``locret_stabilizers``, ``locret_n_local``, ``locret_position_mode``, ``locret_decode_eviction``,
+        ``locret_quant_bits``, ``locret_quant_group_size``) for this call (``locret_quant_bits=None`` turns a
+        configured quantization off), and ``locret_enabled=False`` for plain full-cache generation. Given
+        ``past_key_values`` or ``inputs_embeds``, generation is the plain one."""
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("locret_")}
         enabled = overrides.pop("locret_enabled", None)
         enabled = self.config.locret_enabled if enabled is None else enabled
