@@ -23,11 +23,9 @@ CPU smoke test (small shapes; the reference only, or the kernel in the Triton in
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,8 +33,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "scripts"):  # the repo (swiftkv_train) and this folder (bench_utils), from any cwd
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from bench_utils import import_kernels, median_ms, patch_interpreter, peak_extra_mib, sync  # noqa: E402
 
 # Llama-3.1-8B attention at CSKV density 0.2 (rank 204 of kv_dim 1024), and a small stand-in for CPU smoke runs.
 LLAMA_8B = dict(q_heads=32, kv_heads=8, head_dim=128, rank=204, window=32, theta=500000.0, contexts=(8192, 32768),
@@ -44,78 +45,6 @@ LLAMA_8B = dict(q_heads=32, kv_heads=8, head_dim=128, rank=204, window=32, theta
 SMALL = dict(q_heads=8, kv_heads=2, head_dim=64, rank=51, window=32, theta=10000.0, contexts=(256, 1024),
              batches=(1, 2))
 GROUP_SIZE = 32
-
-
-def _import_kernel():
-    """``swiftkv_kernels`` is ``kernels/`` installed under another name: map it when the repo is not installed."""
-    if importlib.util.find_spec("swiftkv_kernels") is None:
-        spec = importlib.util.spec_from_file_location(
-            "swiftkv_kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["swiftkv_kernels"] = module
-        spec.loader.exec_module(module)
-    from swiftkv_kernels import cskv_decode
-
-    return cskv_decode
-
-
-def _patch_interpreter():
-    """numpy >= 2.4 refuses int() of a 1-element array, which the triton 3.6 interpreter does for ``range`` bounds
-    given as kernel arguments (as in tests/test_kernels.py): read the element explicitly. Interpreter only."""
-    import triton.runtime.interpreter as interp
-
-    original = interp._patch_lang_tensor
-
-    def patch(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interp._patch_lang_tensor = patch
-
-
-# ------------------------------------------------------------------------------------------------ timing helpers
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn, device, warmup, repeats) -> float:
-    """Median milliseconds of ``fn()`` after warm-up (CUDA events on GPU, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def peak_extra_mib(fn, device) -> float | None:
-    """Peak memory allocated during one ``fn()`` call beyond what was allocated before it (MiB); None off CUDA."""
-    if device.type != "cuda":
-        return None
-    _sync(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    result = fn()
-    _sync(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
-    del result
-    return peak / 2**20
 
 
 # ------------------------------------------------------------------------------------------------- the cases
@@ -166,19 +95,20 @@ def bench_case(cd, shape, context, batch, bits, dtype, device, repeats, with_ker
     kernel = lambda: cd.cskv_decode_attention(*args, **kwargs)  # noqa: E731
     warmup = 3 if device.type == "cuda" else 1
     ref_out = reference()
-    row["reference"] = dict(ms=time_ms(reference, device, warmup, repeats), peak_mib=peak_extra_mib(reference, device))
+    row["reference"] = dict(ms=median_ms(reference, device, warmup, repeats),
+                            peak_mib=peak_extra_mib(reference, device, call_off_cuda=False))
     if not with_kernel:
         return row
     t0 = time.perf_counter()
     out = kernel()  # the first call compiles
-    _sync(device)
+    sync(device)
     first_call_s = time.perf_counter() - t0
     diff = (out.double() - ref_out.double())
     row["rel_err"] = (diff.norm() / ref_out.double().norm()).item()
     row["max_abs_err"] = diff.abs().max().item()
     row["agree"] = bool(torch.isfinite(out).all()) and row["rel_err"] < (1e-4 if dtype == torch.float32 else 2e-2)
-    ms = time_ms(kernel, device, warmup, repeats)
-    row["kernel"] = dict(ms=ms, peak_mib=peak_extra_mib(kernel, device), first_call_s=first_call_s,
+    ms = median_ms(kernel, device, warmup, repeats)
+    row["kernel"] = dict(ms=ms, peak_mib=peak_extra_mib(kernel, device, call_off_cuda=False), first_call_s=first_call_s,
                          tflops=step_flops(shape, batch, tokens) / ms / 1e9,
                          cache_read_gbps=cache_bytes(layer) / ms / 1e6)
     row["speedup"] = row["reference"]["ms"] / ms
@@ -224,8 +154,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        _patch_interpreter()
-    cd = _import_kernel()
+        patch_interpreter()
+    cd = import_kernels("cskv_decode")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     repeats = args.repeats or (20 if device.type == "cuda" else 3)
     bits_list = [None if b.strip().lower() == "none" else int(b) for b in args.bits.split(",")]

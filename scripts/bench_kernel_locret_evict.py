@@ -23,10 +23,8 @@ rows, scores, positions) / time, also as % of the measured 3.0 TB/s H100 copy ce
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,70 +32,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "scripts"):  # the repo (swiftkv_train) and this folder (bench_utils), from any cwd
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from bench_utils import import_kernels, median_ms, peak_extra_mib  # noqa: E402
 
 PEAK_COPY_TBPS = 3.0  # measured H100 copy ceiling (../shared/device/README.md)
 STABILIZERS = 2500  # the paper's Llama-3.1-8B setting: the newest entries every intermediate eviction keeps
-
-
-def import_kernel():
-    """``swiftkv_kernels`` is ``kernels/`` installed under another name: map it when the repo is not installed."""
-    if importlib.util.find_spec("swiftkv_kernels") is None:
-        spec = importlib.util.spec_from_file_location(
-            "swiftkv_kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["swiftkv_kernels"] = module
-        spec.loader.exec_module(module)
-    from swiftkv_kernels import locret_evict
-
-    return locret_evict
-
-
-# ------------------------------------------------------------------------------------------------ timing helpers
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(fn, device, warmup=3, repeats=20):
-    """Median milliseconds of ``fn()`` (CUDA events on GPU, perf_counter on CPU), after warm-up."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def peak_extra_mib(fn, device):
-    """Peak memory of one ``fn()`` call above what was allocated before it (MiB; outputs included); None off CUDA."""
-    if device.type != "cuda":
-        fn()
-        return None
-    sync(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    result = fn()
-    sync(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
-    del result
-    return peak / 2**20
 
 
 # --------------------------------------------------------------------------------------------------- the cases
@@ -220,7 +162,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     start = time.time()
-    evict = import_kernel()
+    evict = import_kernels("locret_evict")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     split_options = parse_splits(args.splits)
     if None not in split_options:

@@ -23,7 +23,6 @@ import importlib.util
 import json
 import math
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,71 +30,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "scripts"):  # the repo (swiftkv_train) and this folder (bench_utils), from any cwd
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from bench_utils import import_kernels, median_ms, peak_extra_mib, sync  # noqa: E402
 
 # Measured H100 ceilings (../shared/device/README.md).
 PEAK_BF16_TFLOPS = 692.0
 PEAK_COPY_TBPS = 3.0
-
-
-def _import_kernels():
-    """``swiftkv_kernels`` is ``kernels/`` installed under another name: map it when the repo is not installed."""
-    if importlib.util.find_spec("swiftkv_kernels") is None:
-        spec = importlib.util.spec_from_file_location(
-            "swiftkv_kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["swiftkv_kernels"] = module
-        spec.loader.exec_module(module)
-    from swiftkv_kernels import kd_loss, swiftkv_prefill_kv
-
-    return swiftkv_prefill_kv, kd_loss
-
-
-# ------------------------------------------------------------------------------------------------ timing helpers
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_fn(fn, device, warmup=3, repeats=10):
-    """Median milliseconds of ``fn()`` (CUDA events on GPU, perf_counter on CPU), after warm-up."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def peak_mem_mib(fn, device):
-    """Peak extra memory of one ``fn()`` call over what was allocated before it (MiB); None off CUDA."""
-    if device.type != "cuda":
-        fn()
-        return None
-    _sync(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    result = fn()
-    _sync(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
-    del result
-    return peak / 2**20
 
 
 # --------------------------------------------------------------------------------------------- kernel 1: SwiftKV
@@ -157,8 +100,8 @@ def bench_swiftkv(skv, device, small, repeats):
                              ("gemm_only", gemm_only)):
                 if name == "fused+cache_cat" and small:
                     continue
-                ms = time_fn(fn, device, repeats=repeats)
-                mem = peak_mem_mib(fn, device)
+                ms = median_ms(fn, device, repeats=repeats)
+                mem = peak_extra_mib(fn, device)
                 results[name] = dict(ms=ms, tflops=flops / ms / 1e9, peak_mib=mem)
             case["results"] = results
             case["speedup_fused_vs_unfused"] = results["unfused_torch"]["ms"] / results["fused"]["ms"]
@@ -251,7 +194,7 @@ def bench_kd(kd, device, small, repeats, with_liger, deadline):
         try:
             t_first = time.perf_counter()
             loss, grad = step(fn)  # includes torch.compile for liger's compiled variant
-            _sync(device)
+            sync(device)
             row["first_call_s"] = time.perf_counter() - t_first
             row["loss"] = loss.item()
             row["loss_rel_err_vs_ref"] = abs(loss.item() - ref_loss.item()) / abs(ref_loss.item())
@@ -259,9 +202,9 @@ def bench_kd(kd, device, small, repeats, with_liger, deadline):
             del loss, grad
             slow = name.startswith("chunked") or name.startswith("naive") or name.endswith("_eager")
             reps = max(2, repeats // 3) if slow else repeats
-            row["ms"] = time_fn(lambda: step(fn), device, warmup=1, repeats=reps)
+            row["ms"] = median_ms(lambda: step(fn), device, warmup=1, repeats=reps)
             row["tflops"] = flops / row["ms"] / 1e9
-            row["peak_mib"] = peak_mem_mib(lambda: step(fn), device)
+            row["peak_mib"] = peak_extra_mib(lambda: step(fn), device)
         except Exception as exc:  # noqa: BLE001 - one failing optional method must not sink the benchmark
             row["error"] = repr(exc)[:300]
         rows.append(row)
@@ -289,7 +232,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     start = time.time()
-    skv, kd = _import_kernels()
+    skv, kd = import_kernels("swiftkv_prefill_kv", "kd_loss")
     uses_triton = skv.kernel_available(torch.empty(0, device=device, dtype=torch.bfloat16))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     fp32_logits = None

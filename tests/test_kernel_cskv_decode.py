@@ -13,30 +13,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import alias_kernels_package, compile_sm90, run_interpreter_script
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _alias_kernels_package():
-    """Import `kernels/` as ``swiftkv_kernels`` when the project is not installed (see tests/test_kernels.py)."""
-    if importlib.util.find_spec("swiftkv_kernels") is not None:
-        return
-    spec = importlib.util.spec_from_file_location(
-        "swiftkv_kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["swiftkv_kernels"] = module
-    spec.loader.exec_module(module)
-
-
-_alias_kernels_package()
+alias_kernels_package()
 
 from swiftkv_kernels import cskv_decode  # noqa: E402
 from swiftkv_kernels.cskv_decode import cskv_decode_attention, cskv_decode_reference  # noqa: E402
@@ -360,23 +342,7 @@ def test_model_keeps_the_torch_path_without_kernels_or_with_gradients(monkeypatc
 # ------------------------------------------------------------------------------------ CPU: Triton interpreter
 
 _INTERPRETER_SCRIPT = r"""
-import math, torch
-import triton.runtime.interpreter as interp
-
-# numpy >= 2.4 refuses int() of a 1-element 1-d array, which the triton 3.6 interpreter does for `range(..., n)`
-# bounds given as kernel arguments: read the element explicitly (interpreter-only; GPU compiles are unaffected).
-_orig = interp._patch_lang_tensor
-def _patch(tensor, scope):
-    _orig(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-interp._patch_lang_tensor = _patch
-
-import importlib.util, sys
-if importlib.util.find_spec("swiftkv_kernels") is None:  # not installed: map it onto kernels/ (cwd = repo root)
-    spec = importlib.util.spec_from_file_location("swiftkv_kernels", "kernels/__init__.py",
-                                                  submodule_search_locations=["kernels"])
-    sys.modules["swiftkv_kernels"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sys.modules["swiftkv_kernels"])
+import math
 sys.path.insert(0, "tests")
 from swiftkv_kernels import cskv_decode as cd
 from test_kernel_cskv_decode import (_cache_kwargs, _factors, _filled_layer, _inv_freq, _left_padded_prompts,
@@ -460,13 +426,7 @@ print("INTERPRETER_OK")
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.timeout(120)
 def test_triton_kernel_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=110, cwd=ROOT)
-    if proc.returncode != 0 and "InterpreterError" in proc.stderr and "NotImplemented" in proc.stderr:
-        pytest.skip(f"this triton's interpreter lacks an op: {proc.stderr[-400:]}")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "INTERPRETER_OK" in proc.stdout
+    run_interpreter_script(_INTERPRETER_SCRIPT, "INTERPRETER_OK")
 
 
 # Pointer arguments of the kernel (by name) and their element types; every other argument is an i32 except the two
@@ -480,12 +440,6 @@ _POINTERS = {"q_ptr": "{dt}", "wk_ptr": "{dt}", "kbias_ptr": "{dt}", "inv_freq_p
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_triton_kernel_compiles_for_sm90(dtype):
     """Ahead-of-time compile of the decode kernel down to an sm_90 cubin (ptxas ships with triton): no GPU needed."""
-    triton = pytest.importorskip("triton")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError as exc:  # pragma: no cover - triton API drift
-        pytest.skip(f"no AOT compile API in this triton: {exc}")
     fn = cskv_decode._cskv_partials_kernel
     # (heads per KV head, query rows, head_dim, r_k, r_v, bits, bias, mask): Llama-3.1-8B at 80% reduction
     # (4-bit, 2-bit) and SmolLM2 (unquantized, 4 queries)
@@ -503,9 +457,7 @@ def test_triton_kernel_compiles_for_sm90(dtype):
                 signature[name] = "*" + _POINTERS[name].format(dt=dtype)
             else:
                 signature[name] = "fp32" if name in ("qk_scale", "rope_scale") else "i32"
-        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        assert compiled.asm.get("cubin"), (bits, head_dim)
+        compiled = compile_sm90(fn, signature, constexprs, 4, label=(bits, head_dim))
         if dtype == "bf16":  # the three products run on tensor cores
             assert "mma.sync" in compiled.asm["ptx"] or "wgmma" in compiled.asm["ptx"]
 

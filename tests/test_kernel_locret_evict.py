@@ -11,30 +11,12 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, alias_kernels_package, compile_sm90, run_interpreter_script
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _alias_kernels_package():
-    """Import `kernels/` as ``swiftkv_kernels`` when the project is not installed (PYTHONPATH=$PWD runs)."""
-    if importlib.util.find_spec("swiftkv_kernels") is not None:
-        return
-    spec = importlib.util.spec_from_file_location(
-        "swiftkv_kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["swiftkv_kernels"] = module
-    spec.loader.exec_module(module)
-
-
-_alias_kernels_package()
+alias_kernels_package()
 
 from swiftkv_kernels import locret_evict as evict_module  # noqa: E402
 from swiftkv_kernels.locret_evict import kept_indices_reference, locret_evict, locret_evict_reference  # noqa: E402
@@ -245,23 +227,6 @@ def test_use_kernels_config_flag_round_trips():
 # ------------------------------------------------------------------------------------ CPU: Triton interpreter
 
 _INTERPRETER_SCRIPT = r"""
-import torch
-import triton.runtime.interpreter as interp
-
-# numpy >= 2.4 refuses int() of a 1-element 1-d array, which the triton 3.6 interpreter does for `range(..., n)`
-# bounds given as kernel arguments: read the element explicitly (interpreter-only; GPU compiles are unaffected).
-_orig = interp._patch_lang_tensor
-def _patch(tensor, scope):
-    _orig(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-interp._patch_lang_tensor = _patch
-
-import importlib.util, sys
-if importlib.util.find_spec("swiftkv_kernels") is None:  # not installed: map it onto kernels/ (cwd = repo root)
-    spec = importlib.util.spec_from_file_location("swiftkv_kernels", "kernels/__init__.py",
-                                                  submodule_search_locations=["kernels"])
-    sys.modules["swiftkv_kernels"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sys.modules["swiftkv_kernels"])
 from swiftkv_kernels import locret_evict as le
 
 assert le.kernel_available(torch.zeros(1)) and le.kernel_available(torch.zeros(1, dtype=torch.bfloat16))
@@ -347,13 +312,7 @@ print("MODEL_OK")
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.timeout(120)
 def test_kernel_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=110, cwd=ROOT)
-    if proc.returncode != 0 and "InterpreterError" in proc.stderr and "NotImplemented" in proc.stderr:
-        pytest.skip(f"this triton's interpreter lacks an op: {proc.stderr[-400:]}")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "KERNEL_OK" in proc.stdout and "MODEL_OK" in proc.stdout
+    run_interpreter_script(_INTERPRETER_SCRIPT, "KERNEL_OK", "MODEL_OK")
 
 
 # (K dtype, V dtype, head_dim, unit d-stride): the launcher specialises a stride of 1 (the cache's layout), as the
@@ -367,11 +326,6 @@ SM90_CASES = [("bf16", "bf16", 128, True), ("fp32", "fp32", 128, True), ("bf16",
 def test_kernel_compiles_for_sm90(k_dtype, v_dtype, head_dim, unit_stride):
     """Ahead-of-time compile down to an sm_90 cubin (ptxas ships with triton): no GPU needed."""
     triton = pytest.importorskip("triton")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError as exc:  # pragma: no cover - triton API drift
-        pytest.skip(f"no AOT compile API in this triton: {exc}")
     signature = {"k_ptr": f"*{k_dtype}", "v_ptr": f"*{v_dtype}", "s_ptr": "*fp32", "p_ptr": "*i32",
                  "ko_ptr": f"*{k_dtype}", "vo_ptr": f"*{v_dtype}", "so_ptr": "*fp32", "po_ptr": "*i32"}
     ints = ("H", "N", "keep", "protect_from", "seg_len", "k_sb", "k_sh", "k_sn", "k_sd", "v_sb", "v_sh", "v_sn",
@@ -390,9 +344,7 @@ def test_kernel_compiles_for_sm90(k_dtype, v_dtype, head_dim, unit_stride):
                                                                           "v_sn"]
         attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     signature.update({name: "constexpr" for name in constexprs})
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": evict_module._NUM_WARPS})
-    assert compiled.asm.get("cubin")
+    compiled = compile_sm90(kernel, signature, constexprs, evict_module._NUM_WARPS, attrs=attrs)
     if unit_stride:  # K/V rows copied with vector loads, without a round trip through shared memory
         ptx = compiled.asm["ptx"]
         assert "ld.global.v4" in ptx and "st.global.v4" in ptx

@@ -10,31 +10,12 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import alias_kernels_package, compile_sm90, run_interpreter_script
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _alias_kernels_package():
-    """Import `kernels/` as ``swiftkv_kernels`` when the project is not installed (the GPU machine runs the tests
-    from the working tree with ``PYTHONPATH=$PWD``, where only ``kernels`` would be importable)."""
-    if importlib.util.find_spec("swiftkv_kernels") is not None:
-        return
-    spec = importlib.util.spec_from_file_location(
-        "swiftkv_kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["swiftkv_kernels"] = module
-    spec.loader.exec_module(module)
-
-
-_alias_kernels_package()
+alias_kernels_package()
 
 from swiftkv_kernels import kd_loss, swiftkv_prefill_kv  # noqa: E402
 from swiftkv_kernels.kd_loss import fused_kl_loss  # noqa: E402
@@ -194,23 +175,6 @@ def test_fused_kl_cpu_fallback_matches_naive(temperature, reduction):
 # ------------------------------------------------------------------------------------ CPU: Triton interpreter
 
 _INTERPRETER_SCRIPT = r"""
-import torch
-import triton.runtime.interpreter as interp
-
-# numpy >= 2.4 refuses int() of a 1-element 1-d array, which the triton 3.6 interpreter does for `range(..., n)`
-# bounds given as kernel arguments: read the element explicitly (interpreter-only; GPU compiles are unaffected).
-_orig = interp._patch_lang_tensor
-def _patch(tensor, scope):
-    _orig(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-interp._patch_lang_tensor = _patch
-
-import importlib.util, sys
-if importlib.util.find_spec("swiftkv_kernels") is None:  # not installed: map it onto kernels/ (cwd = repo root)
-    spec = importlib.util.spec_from_file_location("swiftkv_kernels", "kernels/__init__.py",
-                                                  submodule_search_locations=["kernels"])
-    sys.modules["swiftkv_kernels"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sys.modules["swiftkv_kernels"])
 from swiftkv_kernels import kd_loss, swiftkv_prefill_kv as skv
 from swiftkv_train.losses import naive_kl_loss
 torch.manual_seed(0)
@@ -266,48 +230,29 @@ print("INTERPRETER_OK")
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.timeout(120)
 def test_triton_kernels_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=110, cwd=ROOT)
-    if proc.returncode != 0 and "InterpreterError" in proc.stderr and "NotImplemented" in proc.stderr:
-        pytest.skip(f"this triton's interpreter lacks an op: {proc.stderr[-400:]}")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "INTERPRETER_OK" in proc.stdout
+    run_interpreter_script(_INTERPRETER_SCRIPT, "INTERPRETER_OK")
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_triton_kernels_compile_for_sm90(dtype):
     """Ahead-of-time compile every kernel down to an sm_90 cubin (ptxas ships with triton): no GPU needed."""
-    triton = pytest.importorskip("triton")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError as exc:  # pragma: no cover - triton API drift
-        pytest.skip(f"no AOT compile API in this triton: {exc}")
-
-    def compile_(fn, signature, constexprs, num_warps):
-        signature = dict(signature, **{k: "constexpr" for k in constexprs})
-        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-        assert compiled.asm.get("cubin"), fn.__name__
-
     i32 = "i32"
-    compile_(swiftkv_prefill_kv._rmsnorm_kernel,
-             {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "x_row_stride": i32,
-              "y_row_stride": i32, "H": i32, "eps": "fp32"}, {"BLOCK_H": 4096}, 8)
+    compile_sm90(swiftkv_prefill_kv._rmsnorm_kernel,
+                 {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "x_row_stride": i32,
+                  "y_row_stride": i32, "H": i32, "eps": "fp32"}, {"BLOCK_H": 4096}, 8)
     rope_sig = {"kv_ptr": f"*{dtype}", "cos_ptr": f"*{dtype}", "sin_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}
     rope_sig.update({k: i32 for k in ("row0", "n_rows", "S", "B", "kv_row_stride", "cos_b_stride", "cos_s_stride",
                                       "sin_b_stride", "sin_s_stride")})
     for d, block_n in ((128, 32), (64, 64)):
-        compile_(swiftkv_prefill_kv._rope_scatter_kernel, rope_sig,
-                 {"HKV": 8, "D": d, "HALF": d // 2, "HALF_BLOCK": d // 2, "BLOCK_N": block_n}, 4)
-    compile_(swiftkv_prefill_kv._silu_mul_kernel,
-             {"g_ptr": f"*{dtype}", "u_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "n": "i64"}, {"BLOCK": 2048}, 8)
+        compile_sm90(swiftkv_prefill_kv._rope_scatter_kernel, rope_sig,
+                     {"HKV": 8, "D": d, "HALF": d // 2, "HALF_BLOCK": d // 2, "BLOCK_N": block_n}, 4)
+    compile_sm90(swiftkv_prefill_kv._silu_mul_kernel,
+                 {"g_ptr": f"*{dtype}", "u_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "n": "i64"}, {"BLOCK": 2048}, 8)
     kl_sig = {"s_ptr": "*fp32", "t_ptr": "*fp32", "g_ptr": f"*{dtype}", "loss_ptr": "*fp32", "V": i32,
               "s_row_stride": i32, "t_row_stride": i32, "g_row_stride": i32, "inv_t": "fp32", "loss_scale": "fp32",
               "grad_scale": "fp32"}
-    compile_(kd_loss._kl_rows_kernel, kl_sig, {"BLOCK_V": 4096}, 8)
+    compile_sm90(kd_loss._kl_rows_kernel, kl_sig, {"BLOCK_V": 4096}, 8)
 
 
 # ------------------------------------------------------------------------------------------------- GPU tests

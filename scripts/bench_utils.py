@@ -1,0 +1,94 @@
+"""Helpers shared by the kernel benchmarks in this folder (bench_kernels.py, bench_kernel_cskv_decode.py,
+bench_kernel_locret_evict.py): importing ``kernels/`` as ``swiftkv_kernels``, the Triton-interpreter patch, timing.
+
+The scripts run as ``python scripts/<name>.py``, which puts this folder on ``sys.path``: they ``import bench_utils``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_kernels(*names):
+    """The submodules ``names`` of ``swiftkv_kernels`` (one module for one name, else a tuple, in order).
+
+    ``swiftkv_kernels`` is ``kernels/`` installed under another name: map it when the repo is not installed."""
+    if importlib.util.find_spec("swiftkv_kernels") is None:
+        spec = importlib.util.spec_from_file_location(
+            "swiftkv_kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["swiftkv_kernels"] = module
+        spec.loader.exec_module(module)
+    modules = tuple(importlib.import_module(f"swiftkv_kernels.{name}") for name in names)
+    return modules[0] if len(modules) == 1 else modules
+
+
+def patch_interpreter():
+    """numpy >= 2.4 refuses int() of a 1-element array, which the triton 3.6 interpreter does for ``range`` bounds
+    given as kernel arguments (as in tests/test_kernels.py): read the element explicitly. Interpreter only."""
+    import triton.runtime.interpreter as interp
+
+    original = interp._patch_lang_tensor
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patch
+
+
+# ------------------------------------------------------------------------------------------------ timing helpers
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn, device, warmup=3, repeats=10) -> float:
+    """Median milliseconds of ``fn()`` (CUDA events on GPU, perf_counter on CPU), after warm-up."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_extra_mib(fn, device, call_off_cuda=True) -> float | None:
+    """Peak memory allocated during one ``fn()`` call beyond what was allocated before it (MiB; outputs included);
+    None off CUDA, where ``fn()`` still runs once unless ``call_off_cuda`` is false."""
+    if device.type != "cuda":
+        if call_off_cuda:
+            fn()
+        return None
+    sync(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    result = fn()
+    sync(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del result
+    return peak / 2**20
