@@ -18,6 +18,19 @@ tokens) and N = 4096 + 1024 keeping 4096, at batch 1 and 4. Methods:
 Every method's selection is checked against the reference before timing (the kernel must match it exactly).
 Bandwidth = the bytes an eviction must move (read the kept K/V rows, all scores and positions; write the kept
 rows, scores, positions) / time, also as % of the measured 3.0 TB/s H100 copy ceiling.
+
+``--fused-scoring``: the retaining head's last stage with the eviction, at the 8B shape (B 1, H_kv 8, N 16384 +
+1024 of which the chunk's q = 1024 are new, fc1 width F = 1024, bf16; ``--small``: a tiny shape). Methods, all from
+the step's hidden activations act(fc1(qkv)) [B, q, F] and the older entries' scores:
+
+- ``torch_fc2_topk``: fc2 (F.linear in the model dtype) + transpose + fp32 + cat, then the ``torch_topk`` eviction
+  (the model's path before the kernel).
+- ``torch_fc2_reference``: the same scores, then `locret_evict_reference`.
+- ``fc2_then_kernel``: the same scores, then the unfused kernel (the model's path before fusing fc2).
+- ``fused_kernel``: `locret_evict` with ``new_hidden``/``head_weight``/``head_bias`` (one launch).
+
+The inputs are multiples of 1/8, so every fp32 sum is exact and the fused kernel must match the unfused paths'
+selection exactly (checked before timing).
 """
 
 from __future__ import annotations
@@ -123,6 +136,90 @@ def bench_case(evict, case, dtype, device, repeats, split_options):
     return row
 
 
+# ------------------------------------------------------------------------------------------ fused scoring
+
+
+def fused_cases(small):
+    """(batch, kv_heads, head_dim, entries N, new q, features F, keep, protect_newest)."""
+    if small:
+        return [(1, 2, 16, 300 + 64, 64, 40, 300 - 10, 40)]
+    return [(1, 8, 128, 16384 + 1024, 1024, 1024, 16384 - 100, STABILIZERS)]
+
+
+def make_fused_inputs(batch, heads, dim, n, q, features, dtype, device, seed=0):
+    """K/V, the older entries' scores [B, H, N - q], positions, hidden [B, q, F] and fc2 (weight, bias), all values
+    multiples of 1/8 (exact fp32 sums: the fused and unfused scores are bit-identical)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def exact(*shape):
+        return (torch.randint(-16, 17, shape, generator=gen).float() / 8).to(device, dtype)
+
+    keys = torch.randn(batch, heads, n, dim, generator=gen).to(device, dtype)
+    values = torch.randn(batch, heads, n, dim, generator=gen).to(device, dtype)
+    old = exact(batch, heads, n - q).float()
+    positions = torch.arange(n, dtype=torch.int32).expand(batch, heads, n).contiguous().to(device)
+    return keys, values, old, positions, exact(batch, q, features), exact(heads, features), exact(heads)
+
+
+def fused_methods(evict):
+    def torch_scores(old, hidden, weight, bias):
+        return torch.cat([old, torch.nn.functional.linear(hidden, weight, bias).transpose(1, 2).float()], dim=-1)
+
+    def unfused(evict_fn):
+        def run(keys, values, old, positions, hidden, weight, bias, keep, protect):
+            return evict_fn(keys, values, torch_scores(old, hidden, weight, bias), positions, keep, protect)
+        return run
+
+    def fused(keys, values, old, positions, hidden, weight, bias, keep, protect):
+        return evict.locret_evict(keys, values, old, positions, keep, protect, new_hidden=hidden, head_weight=weight,
+                                  head_bias=bias, score_dtype=hidden.dtype)
+
+    return {"torch_fc2_topk": unfused(torch_topk_evict), "torch_fc2_reference": unfused(evict.locret_evict_reference),
+            "fc2_then_kernel": unfused(evict.locret_evict), "fused_kernel": fused}
+
+
+def bench_fused_case(evict, case, dtype, device, repeats):
+    batch, heads, dim, n, q, features, keep, protect = case
+    inputs = make_fused_inputs(batch, heads, dim, n, q, features, dtype, device)
+    all_methods = fused_methods(evict)
+    ref = all_methods["torch_fc2_reference"](*inputs, keep, protect)
+    moved = min_bytes(inputs[0], inputs[1], n, keep)
+    row = dict(batch=batch, kv_heads=heads, head_dim=dim, entries=n, new=q, features=features, keep=keep,
+               protect_newest=protect, dtype=str(dtype).replace("torch.", ""), min_bytes=moved,
+               ideal_ms=moved / (PEAK_COPY_TBPS * 1e12) * 1e3, results={})
+    for name, fn in all_methods.items():
+        call = lambda fn=fn: fn(*inputs, keep, protect)  # noqa: E731
+        identical, same_kept = same_selection(call(), ref)
+        if name in ("fc2_then_kernel", "fused_kernel") and not identical:
+            raise AssertionError(f"{name} differs from the reference on {case}")
+        ms = median_ms(call, device, repeats=repeats)
+        row["results"][name] = dict(ms=ms, tbps=moved / ms / 1e9, pct_copy_peak=100 * moved / ms / 1e9 / PEAK_COPY_TBPS,
+                                    peak_mib=peak_extra_mib(call, device), identical_to_reference=identical,
+                                    same_kept_entries=same_kept)
+    fused_ms = row["results"]["fused_kernel"]["ms"]
+    row["speedup_fused_vs_torch_fc2_topk"] = row["results"]["torch_fc2_topk"]["ms"] / fused_ms
+    row["speedup_fused_vs_fc2_then_kernel"] = row["results"]["fc2_then_kernel"]["ms"] / fused_ms
+    return row
+
+
+def render_fused(meta, rows):
+    lines = [f"# Locret eviction with fused retaining-head scoring (fc2) on {meta['device']} (torch {meta['torch']}, "
+             f"triton {meta['triton']}, triton path: {meta['triton_path']})",
+             f"per method: median ms | achieved TB/s (% of {PEAK_COPY_TBPS} TB/s copy) | peak extra MiB; "
+             f"'*' = keeps other entries than the reference (ties)"]
+    for r in rows:
+        lines.append("")
+        lines.append(f"B={r['batch']} H={r['kv_heads']} D={r['head_dim']} N={r['entries']} q={r['new']} "
+                     f"F={r['features']} keep={r['keep']} protect={r['protect_newest']} {r['dtype']}: "
+                     f"fused {r['speedup_fused_vs_torch_fc2_topk']:.2f}x vs torch_fc2_topk, "
+                     f"{r['speedup_fused_vs_fc2_then_kernel']:.2f}x vs fc2_then_kernel")
+        for name, m in r["results"].items():
+            flag = "" if m["same_kept_entries"] else " *"
+            lines.append(f"  {name:<20} {m['ms']:9.3f} ms | {m['tbps']:6.2f} TB/s ({m['pct_copy_peak']:5.1f}%) | "
+                         f"{fmt(m['peak_mib'], '8.1f')} MiB{flag}")
+    return "\n".join(lines)
+
+
 # -------------------------------------------------------------------------------------------------------- main
 
 
@@ -159,6 +256,8 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="write the full results as JSON here")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--splits", default="auto,1", help="kernel variants: comma-separated num_splits, 'auto'")
+    parser.add_argument("--fused-scoring", action="store_true",
+                        help="bench the eviction with the retaining head's fc2 fused in (see above) instead")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     start = time.time()
@@ -174,6 +273,15 @@ def main(argv=None):
                 torch=torch.__version__, triton=getattr(evict.triton, "__version__", None),
                 python=platform.python_version(), triton_path=triton_path, small=args.small,
                 peak_copy_tbps=PEAK_COPY_TBPS, repeats=args.repeats)
+    if args.fused_scoring:
+        meta["fused_scoring"] = True
+        rows = [bench_fused_case(evict, case, dtype, device, args.repeats) for case in fused_cases(args.small)]
+        table = render_fused(meta, rows) + f"\n\ntotal wall time {time.time() - start:.1f} s"
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(dict(meta=meta, cases=rows, table=table), indent=2) + "\n")
+        print(table)
+        return
     rows = []
     for case in cases(args.small):
         rows.append(bench_case(evict, case, dtype, device, args.repeats, split_options))

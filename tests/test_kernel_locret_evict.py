@@ -6,6 +6,11 @@
   ahead-of-time sm_90 compile, and the export shipping the kernel file.
 - GPU (``-m gpu``): the kernel against the reference at Llama-3.1-8B scale and on ragged shapes, and a tiny Locret
   model's chunked prefill with ``use_kernels`` on and off.
+- Fused scoring (the retaining head's fc2 + bias + local override inside the kernel): the extended reference
+  against scores computed here with plain torch, the cache's fused path against its unfused one, the interpreter
+  on ragged shapes, an sm_90 compile of the fused variant and GPU runs at the Llama-8B shape. Exactness tests use
+  inputs that are multiples of 1/8 (every fp32 sum of their products is exact in any order), so the kernel's and
+  torch's differently ordered fp32 sums agree bit for bit.
 """
 
 from __future__ import annotations
@@ -158,6 +163,82 @@ def test_bad_arguments_raise():
     assert [tuple(t.shape) for t in empty] == [(1, 2, 0, 4), (1, 2, 0, 4), (1, 2, 0), (1, 2, 0)]
 
 
+# ------------------------------------------------------------------------- CPU: fused scoring, reference
+
+
+def exact_values(shape, seed, dtype=torch.float32):
+    """Multiples of 1/8 in [-2, 2]: products are multiples of 1/64, so every fp32 sum of a few thousand is exact."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randint(-16, 17, shape, generator=gen).float() / 8).to(dtype)
+
+
+def fused_inputs(batch, heads, n, dim, q, features, seed, bias=True, dtype=torch.float32):
+    """keys, values, positions, old scores [B, H, N - q], hidden [B, q, F], weight [H, F], bias [H] or None."""
+    keys, values, positions = make_entries(batch, heads, n, dim, seed, dtype=dtype)
+    old = exact_values((batch, heads, n - q), seed + 2)
+    hidden = exact_values((batch, q, features), seed + 3, dtype)
+    weight = exact_values((heads, features), seed + 4, dtype)
+    head_bias = exact_values((heads,), seed + 5, dtype) if bias else None
+    return keys, values, positions, old, hidden, weight, head_bias
+
+
+def brute_force_all_scores(old, hidden, weight, head_bias, new_local, score_dtype=None):
+    """The full [B, H, N] scores, from the definition with plain torch: products summed in float64 (exact here)."""
+    new = (hidden.double()[:, None, :, :] * weight.double()[None, :, None, :]).sum(-1)  # [B, H, q]
+    if head_bias is not None:
+        new = new + head_bias.double()[None, :, None]
+    new = new.float()
+    if score_dtype is not None:
+        new = new.to(score_dtype).float()
+    new[..., :new_local] = float("inf")
+    return torch.cat([old.float(), new], dim=-1)
+
+
+FUSED_CPU_CASES = [  # (B, H, N, q, F, keep, protect, new_local, bias, score dtype)
+    (2, 3, 50, 13, 40, 30, 5, 0, True, None),
+    (1, 2, 37, 37, 17, 20, 0, 3, False, None),  # every entry is new
+    (2, 2, 90, 45, 100, 89, 4, 7, True, torch.bfloat16),
+    (1, 3, 64, 1, 8, 10, 0, 0, False, torch.float16),
+    (2, 1, 20, 5, 3, 20, 0, 5, True, None),  # keep == N, all new entries local
+]
+
+
+@pytest.mark.parametrize("case", FUSED_CPU_CASES, ids=str)
+def test_fused_reference_matches_brute_force(case):
+    batch, heads, n, q, features, keep, protect, new_local, bias, score_dtype = case
+    keys, values, positions, old, hidden, weight, head_bias = fused_inputs(batch, heads, n, 4, q, features,
+                                                                            seed=n + q, bias=bias)
+    result = evict_module.locret_evict_reference(keys, values, old, positions, keep, protect, new_hidden=hidden,
+                                                 head_weight=weight, head_bias=head_bias, new_local=new_local,
+                                                 score_dtype=score_dtype)
+    full = brute_force_all_scores(old, hidden, weight, head_bias, new_local, score_dtype)
+    assert_matches_brute_force(result, keys, values, full, positions, keep, protect)
+    # the torch-side new scores alone, and the CPU dispatch (no kernel here) of the fused call form
+    new = evict_module.new_scores_reference(hidden, weight, head_bias, new_local, score_dtype)
+    assert torch.equal(new, full[..., n - q:])
+    dispatched = locret_evict(keys, values, old, positions, keep, protect, new_hidden=hidden, head_weight=weight,
+                              head_bias=head_bias, new_local=new_local, score_dtype=score_dtype)
+    for got, ref in zip(dispatched, result, strict=True):
+        assert torch.equal(got, ref)
+
+
+def test_fused_bad_arguments_raise():
+    keys, values, positions, old, hidden, weight, head_bias = fused_inputs(1, 2, 10, 4, 3, 6, seed=0)
+    kw = dict(new_hidden=hidden, head_weight=weight, head_bias=head_bias)
+    with pytest.raises(ValueError, match="scores and positions"):  # scores for all N with new_hidden
+        locret_evict(keys, values, torch.zeros(1, 2, 10), positions, 5, 0, **kw)
+    with pytest.raises(ValueError, match="head_weight must be"):
+        locret_evict(keys, values, old, positions, 5, 0, **dict(kw, head_weight=weight[:, :5]))
+    with pytest.raises(ValueError, match="head_bias must be"):
+        locret_evict(keys, values, old, positions, 5, 0, **dict(kw, head_bias=head_bias[:1]))
+    with pytest.raises(ValueError, match="needs head_weight"):
+        locret_evict(keys, values, old, positions, 5, 0, new_hidden=hidden)
+    with pytest.raises(ValueError, match="only used with new_hidden"):
+        locret_evict(keys, values, torch.zeros(1, 2, 10), positions, 5, 0, head_weight=weight)
+    with pytest.raises(ValueError, match="new_local=-1"):
+        locret_evict(keys, values, old, positions, 5, 0, new_local=-1, **kw)
+
+
 # --------------------------------------------------------------------------------- CPU: model-level tie rule
 
 
@@ -283,6 +364,44 @@ for B, H, N, D, keep, protect, splits, kind, kd, vd, strided in CASES:
             name, B, H, N, keep, protect, splits)
 print("KERNEL_OK")
 
+# Fused scoring: ragged q (not a tile multiple) and F (not a power of two, several F tiles), splits 1-3,
+# new_local 0 / some, bias or not, rounding. Exact inputs (multiples of 1/8): bit-identical to the reference.
+def exact(shape, dtype):
+    return (torch.randint(-16, 17, shape, generator=gen).float() / 8).to(dtype)
+
+# (B, H, N, D, q, F, keep, protect, new_local, splits, bias, dtype, score dtype)
+FUSED = [
+    (2, 3, 70, 12, 37, 40, 30, 5, 0, 1, True, torch.float32, None),
+    (1, 2, 300, 16, 45, 200, 200, 0, 7, 3, False, torch.bfloat16, torch.bfloat16),
+    (2, 2, 90, 8, 90, 33, 50, 3, 4, 2, True, torch.bfloat16, None),  # every entry new
+    (1, 1, 20, 8, 5, 3, 20, 0, 0, 2, False, torch.float32, None),  # keep == N
+    (1, 2, 150, 8, 33, 130, 1, 40, 33, 3, True, torch.float16, torch.float16),  # all new local, keep 1
+    (2, 1, 64, 4, 1, 7, 10, 0, 0, 1, True, torch.float32, None),  # one new entry
+]
+for B, H, N, D, q, F, keep, protect, local, splits, bias, dt, sdt in FUSED:
+    keys, values = torch.randn(B, H, N, D, generator=gen).to(dt), torch.randn(B, H, N, D, generator=gen).to(dt)
+    positions = torch.arange(N, dtype=torch.int32).expand(B, H, N)
+    old = exact((B, H, N - q), torch.float32)
+    kw = dict(new_hidden=exact((B, q, F), dt), head_weight=exact((H, F), dt),
+              head_bias=exact((H,), dt) if bias else None, new_local=local, score_dtype=sdt)
+    out = poisoned(keys, values, keep)
+    got = le.locret_evict(keys, values, old, positions, keep, protect, num_splits=splits, out=out, **kw)
+    ref = le.locret_evict_reference(keys, values, old, positions, keep, protect, **kw)
+    assert all(g.data_ptr() == o.data_ptr() for g, o in zip(got, out)), "not the Triton path"
+    for name, g, r in zip("kvsp", got, ref):
+        assert torch.equal(g, r), (name, B, H, N, q, F, keep, protect, local, splits)
+# random (inexact) inputs: fp32 sums in another order may differ in the last bit, the entries kept do not
+keys, values = torch.randn(2, 2, 200, 8, generator=gen), torch.randn(2, 2, 200, 8, generator=gen)
+positions = torch.arange(200, dtype=torch.int32).expand(2, 2, 200)
+kw = dict(new_hidden=torch.randn(2, 50, 72, generator=gen), head_weight=torch.randn(2, 72, generator=gen),
+          head_bias=torch.randn(2, generator=gen), new_local=3)
+old = torch.randn(2, 2, 150, generator=gen)
+got = le.locret_evict(keys, values, old, positions, 120, 10, num_splits=2, **kw)
+ref = le.locret_evict_reference(keys, values, old, positions, 120, 10, **kw)
+assert torch.equal(got[3], ref[3]) and torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5)
+print("FUSED_OK")
+
 # Model level: the cache evicts with the kernel (use_kernels=True) and keeps exactly what the reference keeps.
 from swiftkv_train.models import load_pretrained
 from swiftkv_train.models.llama_locret import cache_llama_locret
@@ -294,7 +413,10 @@ with torch.no_grad():
         p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.3)
 calls = []
 real = cache_llama_locret.locret_evict
-cache_llama_locret.locret_evict = lambda *a, **k: calls.append(1) or real(*a, **k)
+def counting(*a, **k):
+    calls.append(1)
+    return real(*a, **k)
+cache_llama_locret.locret_evict = counting
 ids = torch.randint(0, 256, (2, 100), generator=torch.Generator().manual_seed(1))
 caches = {}
 for flag in (True, False):
@@ -312,34 +434,44 @@ print("MODEL_OK")
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.timeout(120)
 def test_kernel_under_interpreter():
-    run_interpreter_script(_INTERPRETER_SCRIPT, "KERNEL_OK", "MODEL_OK")
+    run_interpreter_script(_INTERPRETER_SCRIPT, "KERNEL_OK", "FUSED_OK", "MODEL_OK")
 
 
 # (K dtype, V dtype, head_dim, unit d-stride): the launcher specialises a stride of 1 (the cache's layout), as the
 # JIT does; one strided variant covers non-contiguous views.
-SM90_CASES = [("bf16", "bf16", 128, True), ("fp32", "fp32", 128, True), ("bf16", "fp16", 64, True),
-              ("fp32", "bf16", 96, True), ("bf16", "bf16", 128, False)]
+# fused: None (plain kernel) or (hidden/fc2 dtype, bias, SCORE_ROUND) for the fused-scoring variant.
+SM90_CASES = [("bf16", "bf16", 128, True, None), ("fp32", "fp32", 128, True, None), ("bf16", "fp16", 64, True, None),
+              ("fp32", "bf16", 96, True, None), ("bf16", "bf16", 128, False, None),
+              ("bf16", "bf16", 128, True, ("bf16", True, 2)), ("fp32", "fp32", 64, True, ("fp32", False, 0)),
+              ("fp16", "fp16", 128, False, ("fp16", True, 1))]
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("k_dtype, v_dtype, head_dim, unit_stride", SM90_CASES, ids=lambda v: str(v))
-def test_kernel_compiles_for_sm90(k_dtype, v_dtype, head_dim, unit_stride):
+@pytest.mark.parametrize("k_dtype, v_dtype, head_dim, unit_stride, fused", SM90_CASES, ids=lambda v: str(v))
+def test_kernel_compiles_for_sm90(k_dtype, v_dtype, head_dim, unit_stride, fused):
     """Ahead-of-time compile down to an sm_90 cubin (ptxas ships with triton): no GPU needed."""
     triton = pytest.importorskip("triton")
+    x_dtype = fused[0] if fused else "fp32"
     signature = {"k_ptr": f"*{k_dtype}", "v_ptr": f"*{v_dtype}", "s_ptr": "*fp32", "p_ptr": "*i32",
-                 "ko_ptr": f"*{k_dtype}", "vo_ptr": f"*{v_dtype}", "so_ptr": "*fp32", "po_ptr": "*i32"}
-    ints = ("H", "N", "keep", "protect_from", "seg_len", "k_sb", "k_sh", "k_sn", "k_sd", "v_sb", "v_sh", "v_sn",
-            "v_sd", "s_sb", "s_sh", "s_sn", "p_sb", "p_sh", "p_sn")
+                 "ko_ptr": f"*{k_dtype}", "vo_ptr": f"*{v_dtype}", "so_ptr": "*fp32", "po_ptr": "*i32",
+                 "x_ptr": f"*{x_dtype}", "w_ptr": f"*{x_dtype}", "bias_ptr": f"*{x_dtype}", "new_ptr": "*fp32"}
+    ints = ("H", "N", "keep", "protect_from", "seg_len", "Q", "F", "new_local", "k_sb", "k_sh", "k_sn", "k_sd",
+            "v_sb", "v_sh", "v_sn", "v_sd", "s_sb", "s_sh", "s_sn", "p_sb", "p_sh", "p_sn", "x_sb", "x_sq", "x_sf",
+            "w_sh", "w_sf")
     signature.update({name: "i32" for name in ints})
     block_d = triton.next_power_of_2(head_dim)
     element_size = max(4 if "32" in k_dtype else 2, 4 if "32" in v_dtype else 2)
     constexprs = dict(D=head_dim, BLOCK_D=block_d, BLOCK_N=evict_module._copy_tile_rows(block_d, element_size),
                       BLOCK_S=evict_module._SCORE_BLOCK, NUM_PIVOTS=evict_module._NUM_PIVOTS,
                       SEARCH_PASSES=evict_module._SEARCH_PASSES)
+    constexprs.update(FUSED=bool(fused), HAS_BIAS=bool(fused and fused[1]), SCORE_ROUND=fused[2] if fused else 0,
+                      BLOCK_Q=evict_module._SCORE_Q_BLOCK, BLOCK_F=evict_module._SCORE_F_BLOCK)
     kernel = evict_module._locret_evict_kernel
     attrs = {}
     if unit_stride:  # what the JIT sees for a contiguous cache: d-stride 1, 16-byte aligned pointers and rows
         constexprs.update(k_sd=1, v_sd=1)
+        if fused:  # contiguous hidden and fc2 weight
+            constexprs.update(x_sf=1, w_sf=1)
         aligned = [name for name in signature if name.endswith("_ptr")] + ["k_sb", "k_sh", "k_sn", "v_sb", "v_sh",
                                                                           "v_sn"]
         attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
@@ -409,7 +541,12 @@ def test_gpu_model_prefill_same_cache_with_and_without_kernel(tiny_locret, monke
     model = tiny_locret.to(DEV)
     calls = []
     real = cache_llama_locret.locret_evict
-    monkeypatch.setattr(cache_llama_locret, "locret_evict", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache_llama_locret, "locret_evict", counting)
     ids = torch.randint(0, 256, (2, 300), generator=torch.Generator().manual_seed(1)).to(DEV)
     settings = dict(locret_budget=48, locret_chunk_size=32, locret_stabilizers=8, locret_n_local=8)
     caches = {}
@@ -428,3 +565,71 @@ def test_gpu_model_prefill_same_cache_with_and_without_kernel(tiny_locret, monke
         torch.testing.assert_close(with_kernel.keys, without.keys, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(with_kernel.values, without.values, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(with_kernel.scores, without.scores, rtol=1e-5, atol=1e-6)
+
+
+# (B, H, N, D, q, F, keep, protect, new_local, bias, K/V dtype, hidden/fc2 dtype, score dtype)
+FUSED_GPU_SHAPES = [
+    # Llama-3.1-8B: budget 16384 + chunk 1024 entries, the chunk's 1024 new, fc1 width 1024, bf16 model
+    (1, 8, 17408, 128, 1024, 1024, 16384 - 100, 2500, 0, True, torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    (1, 8, 17408, 128, 1024, 1024, 2048, 1000, 100, True, torch.bfloat16, torch.bfloat16, None),
+    (2, 3, 1000, 64, 77, 200, 900, 7, 5, False, torch.float32, torch.float32, None),
+    (3, 2, 300, 96, 300, 33, 40, 50, 0, True, torch.float32, torch.float16, torch.float16),  # all new
+]
+
+
+def _fused_gpu_inputs(shape, seed=0):
+    batch, heads, n, dim, q, features, _, _, _, bias, kv_dtype, x_dtype, _ = shape
+    keys, values, positions, old, hidden, weight, head_bias = fused_inputs(batch, heads, n, dim, q, features, seed,
+                                                                            bias=bias, dtype=x_dtype)
+    keys, values = keys.to(kv_dtype), values.to(kv_dtype)
+    tensors = [t if t is None else t.to(DEV) for t in (keys, values, positions, old, hidden, weight, head_bias)]
+    return tensors
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+@pytest.mark.parametrize("shape", FUSED_GPU_SHAPES, ids=lambda s: "x".join(map(str, s[:9])))
+def test_gpu_fused_scoring_matches_reference(shape, num_splits):
+    """Exact inputs (multiples of 1/8): the kernel's fp32 sums equal torch's bit for bit, so every output does."""
+    _, _, _, _, _, _, keep, protect, new_local, _, _, _, score_dtype = shape
+    keys, values, positions, old, hidden, weight, head_bias = _fused_gpu_inputs(shape)
+    fused = dict(new_hidden=hidden, head_weight=weight, head_bias=head_bias, new_local=new_local,
+                 score_dtype=score_dtype)
+    out = tuple(t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-(2**31))
+                for t in evict_module._empty_outputs(keys, values, keep))
+    got = locret_evict(keys, values, old, positions, keep, protect, num_splits=num_splits, out=out, **fused)
+    _sync()
+    assert all(g.data_ptr() == o.data_ptr() for g, o in zip(got, out, strict=True)), "not the Triton path"
+    ref = locret_evict_reference(keys, values, old, positions, keep, protect, **fused)
+    assert torch.equal(got[3], ref[3]), "different entries kept"
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert torch.equal(got[2].view(torch.int32), ref[2].view(torch.int32))
+
+
+@pytest.mark.gpu
+def test_gpu_fused_scoring_random_inputs_llama8b():
+    """Random bf16 hidden/fc2 at the 8B shape: scores equal up to fp32 summation order, (almost) the same entries."""
+    gen = torch.Generator().manual_seed(3)
+    batch, heads, n, dim, q, features, keep, protect = 1, 8, 17408, 128, 1024, 1024, 16384 - 100, 2500
+    keys, values, positions = make_entries(batch, heads, n, dim, seed=3, dtype=torch.bfloat16)
+    old = torch.randn(batch, heads, n - q, generator=gen).to(torch.bfloat16).float()
+    hidden = (torch.randn(batch, q, features, generator=gen) * 0.5).to(torch.bfloat16)
+    fc2 = torch.nn.Linear(features, heads).to(torch.bfloat16)
+    tensors = [t.to(DEV) for t in (keys, values, positions, old, hidden)]
+    keys, values, positions, old, hidden = tensors
+    fc2 = fc2.to(DEV)
+    fused = dict(new_hidden=hidden, head_weight=fc2.weight.detach(), head_bias=fc2.bias.detach(), new_local=0,
+                 score_dtype=torch.bfloat16)
+    got = locret_evict(keys, values, old, positions, keep, protect, **fused)
+    ref = locret_evict_reference(keys, values, old, positions, keep, protect, **fused)
+    # the model's torch path: fc2 in bf16 (cuBLAS), then fp32, then the unfused eviction
+    torch_scores = torch.cat([old, fc2(hidden).transpose(1, 2).float().detach()], dim=-1)
+    unfused = locret_evict_reference(keys, values, torch_scores, positions, keep, protect)
+    _sync()
+    for other in (ref, unfused):
+        for row_got, row_other in zip(got[3].view(-1, keep).tolist(), other[3].view(-1, keep).tolist(), strict=True):
+            assert len(set(row_got) ^ set(row_other)) <= 8  # a rounding flip at the threshold moves one entry
+    same = got[3] == ref[3]  # where both kept the same entry, the kernel's score is the reference's (to an ulp)
+    assert same.float().mean() > 0.99
+    torch.testing.assert_close(got[2][same], ref[2][same], rtol=1e-2, atol=0)  # bf16 scores: one bf16 ulp at most
+
