@@ -3,6 +3,9 @@
 
 GPU (Llama-3.1-8B shapes, random bf16 weights; < 3 minutes on an H100):
     PYTHONPATH=$PWD python scripts/bench_kernels.py --out $OUT/kernels.json
+Covers all four kernels: the SwiftKV K/V pass and the KD loss here, the CSKV decode attention and the Locret
+eviction through their own scripts (``--only cskv_decode`` / ``--only locret_evict``, JSON beside ``--out``).
+
 CPU smoke test (references / CPU fallbacks only, small shapes):
     PYTHONPATH=$PWD python scripts/bench_kernels.py --device cpu --small --out /tmp/kernels.json
 
@@ -227,9 +230,12 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="write the full results as JSON here")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-liger", action="store_true", help="skip liger_kernel even if importable")
-    parser.add_argument("--only", choices=["swiftkv", "kd"], default=None)
+    parser.add_argument("--only", choices=["swiftkv", "kd", "cskv_decode", "locret_evict"], default=None,
+                        help="one kernel; default: all four (cskv_decode and locret_evict run their own scripts)")
     parser.add_argument("--budget-s", type=float, default=150.0, help="skip optional (liger) runs past this")
     args = parser.parse_args(argv)
+    if args.only in _DELEGATED:
+        return _run_delegated(args.only, args)
     device = torch.device(args.device)
     start = time.time()
     skv, kd = import_kernels("swiftkv_prefill_kv", "kd_loss")
@@ -309,6 +315,24 @@ def main(argv=None):
         Path(args.out).write_text(json.dumps(dict(meta=meta, swiftkv=swiftkv_rows, kd=kd_rows,
                                                   liger_errors=liger_errors, table=table), indent=2) + "\n")
     print(table)
+    if args.only is None:
+        for name in _DELEGATED:
+            _run_delegated(name, args)
+
+
+# The CSKV decode and Locret eviction kernels have their own scripts (their own shapes and options).
+_DELEGATED = {"cskv_decode": "bench_kernel_cskv_decode", "locret_evict": "bench_kernel_locret_evict"}
+
+
+def _run_delegated(name: str, args) -> None:
+    """Run ``scripts/<_DELEGATED[name]>.py`` with the shared options; its JSON goes beside ``--out``."""
+    module = importlib.import_module(_DELEGATED[name])
+    forwarded = ["--device", args.device] + (["--small"] if args.small else [])
+    if args.out:
+        out = Path(args.out)
+        forwarded += ["--out", str(out.with_name(f"{out.stem}_{name}{out.suffix}"))]
+    print()
+    module.main(forwarded)
 
 
 if __name__ == "__main__":
