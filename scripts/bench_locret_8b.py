@@ -15,13 +15,18 @@ import argparse
 import gc
 import json
 import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from swiftkv_train.cache_stats import cache_nbytes
 from swiftkv_train.models import load_pretrained
 from swiftkv_train.transformations.locret import LocretConfig, prefill_peak, to_locret
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_utils import sync  # noqa: E402
 
 GIB = 2**30
 
@@ -38,17 +43,12 @@ def _peak(device) -> float:
     return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else float("nan")
 
 
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_full(model, ids, device) -> dict:
     _reset(device)
     start = time.perf_counter()
     with torch.no_grad():
         out = model(ids, use_cache=True, logits_to_keep=1)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     result = {"kv_peak_gib": cache_nbytes(out.past_key_values) / GIB, "gpu_peak_gib": _peak(device),
               "prefill_s": seconds}
@@ -60,7 +60,7 @@ def run_locret(model, ids, device, settings: dict) -> dict:
     _reset(device)
     start = time.perf_counter()
     peak_bytes, peak_entries, cache = prefill_peak(model, ids, **settings)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     result = {"kv_peak_gib": peak_bytes / GIB, "kv_peak_entries_per_layer": peak_entries,
               "kv_after_prefill_gib": cache_nbytes(cache) / GIB, "gpu_peak_gib": _peak(device), "prefill_s": seconds}

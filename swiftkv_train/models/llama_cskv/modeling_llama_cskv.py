@@ -412,7 +412,7 @@ class LlamaCSKVForCausalLM(LlamaForCausalLM):
     def new_cache(self) -> Cache:
         """An empty cache of the kind the current mode fills: a CSKVCache in CSKV mode, a DynamicCache otherwise
         (for decoding loops that keep their own cache object across steps)."""
-        return CSKVCache(self.config) if self.config.cskv else DynamicCache(config=self.config)
+        return self.model._checked_cache(None, use_cache=True)
 
     def cskv_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The low-rank factors A and B of every layer (what CSKV trains)."""
@@ -428,7 +428,7 @@ class LlamaCSKVForCausalLM(LlamaForCausalLM):
         result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("past_key_values")
         if self.config.cskv and type(cache) is DynamicCache and cache.get_seq_length() == 0:
-            model_kwargs["past_key_values"] = CSKVCache(self.config)
+            model_kwargs["past_key_values"] = self.new_cache()
         return result
 
     def forward(

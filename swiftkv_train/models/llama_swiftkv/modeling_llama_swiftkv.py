@@ -55,9 +55,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def _fused_inference(config, x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a layer may run its fused Triton op: kernels on, CUDA, no gradient, weights not ZeRO-3 partitioned."""
+    """Whether a fused Triton op may run on ``x`` with ``weight``: kernels on, CUDA (or the interpreter), no gradient
+    needed, weight not ZeRO-3 partitioned (only module calls gather those)."""
     return (
-        rms_norm is not None
+        fused_swiftkv_kv is not None
         and getattr(config, "use_kernels", True)
         and kernel_available(x)
         and not hasattr(weight, "ds_id")
@@ -221,17 +222,13 @@ class LlamaSwiftKVModel(LlamaModel):
     def _fused_key_values(self, h_m, position_embeddings, leaders):
         """All groups' K/V from the fused Triton kernel, or None where it does not apply (no CUDA/Triton,
         ``config.use_kernels`` off, or a gradient is needed: the kernel is inference-only)."""
-        if fused_swiftkv_kv is None or not getattr(self.config, "use_kernels", True) or not kernel_available(h_m):
+        if not _fused_inference(self.config, h_m, self.norm_swiftkv.weight):
             return None
-        if hasattr(self.norm_swiftkv.weight, "ds_id"):  # ZeRO-3 partitioned weights: only module calls gather them
-            return None
-        if torch.is_grad_enabled():
-            params = [self.norm_swiftkv.weight]
+        if torch.is_grad_enabled():  # the K/V projections must not need a gradient either
             for leader in leaders:
                 attn = self.layers[leader].self_attn
-                params += [attn.k_proj_swiftkv.weight, attn.v_proj_swiftkv.weight]
-            if h_m.requires_grad or any(p.requires_grad for p in params):
-                return None
+                if attn.k_proj_swiftkv.weight.requires_grad or attn.v_proj_swiftkv.weight.requires_grad:
+                    return None
         weight, bias = concat_swiftkv_kv_weights(self)
         cos, sin = position_embeddings
         return fused_swiftkv_kv(
