@@ -11,6 +11,7 @@ from swiftkv_train.models import load_pretrained
 from swiftkv_train.models.varlen_attention import (
     document_boundaries,
     document_mask,
+    generation_mask,
     register_varlen_attention,
     varlen_attention_forward,
 )
@@ -104,3 +105,30 @@ def test_gpu_flash_varlen_matches_masked(dtype, lengths, heads, kv_heads, dim):
     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
     for g, w in zip(got, want):
         torch.testing.assert_close(g.float(), w, rtol=tol, atol=tol * max(1.0, w.abs().max().item()))
+
+
+def test_generation_with_varlen_equals_sdpa_including_left_padding():
+    """A model trained with varlen generates as with SDPA (a KV cache in front: causal + padding, no documents)."""
+    torch.manual_seed(0)
+    model, _ = load_pretrained("random:tiny", dtype=torch.float32)
+    ids = torch.randint(1, model.config.vocab_size, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding on the second row
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    want = model.generate(ids, **kwargs)
+    model.set_attn_implementation(register_varlen_attention())
+    got = model.generate(ids, **kwargs)
+    assert torch.equal(got, want)
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        logits_sdpa = model(ids, attention_mask=mask).logits
+        model.set_attn_implementation("varlen")
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits[0], logits_sdpa[0], rtol=1e-5, atol=1e-5)
+
+
+def test_generation_mask():
+    assert generation_mask(1, 9, None, "cpu") is None
+    mask = generation_mask(3, 5, None, "cpu")[0, 0]
+    assert mask.tolist() == [[True, True, True, False, False], [True, True, True, True, False], [True] * 5]
+    padded = generation_mask(1, 4, torch.tensor([[0, 1, 1, 1]]), "cpu")[0, 0]
+    assert padded.tolist() == [[False, True, True, True]]

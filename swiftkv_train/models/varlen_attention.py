@@ -8,7 +8,8 @@ attention, causal inside each document): the attention FLOPs are the documents' 
 
 It is an attention function registered through transformers' public ``AttentionInterface`` (no patching), used for
 training only: it is never stored in an export. Where the flash path cannot run (CPU, a KV cache, a padding mask,
-dropout, or a torch without ``varlen_attn``) the same semantics run as SDPA with an explicit document mask.
+dropout, or a torch without ``varlen_attn``) the same semantics run as SDPA with an explicit mask (the document mask;
+behind a KV cache, i.e. when a trained model generates, plain causal + padding).
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ import torch.nn.functional as F
 
 NAME = "varlen"
 
-__all__ = ["NAME", "document_boundaries", "document_mask", "register_varlen_attention", "varlen_attention_forward"]
+__all__ = [
+    "NAME",
+    "document_boundaries",
+    "document_mask",
+    "generation_mask",
+    "register_varlen_attention",
+    "varlen_attention_forward",
+]
 
 
 def document_boundaries(position_ids: torch.Tensor) -> torch.Tensor:
@@ -84,18 +92,24 @@ def _flash_path(query, key, value, position_ids, scaling):
     return out.view(batch, seq, heads, dim)
 
 
-def _masked_path(query, key, value, attention_mask, position_ids, scaling, dropout):
-    """The same attention with an explicit document mask (SDPA); [B, S, H, D]."""
-    padding = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
-        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    else:
-        mask = document_mask(position_ids, padding)
+def generation_mask(query_len: int, key_len: int, padding_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+    """Bool [B or 1, 1, q, L] for new queries behind a KV cache (one sequence per row: no documents): causal, and
+    not a padding key. None where every query sees every key (one new token, no padding)."""
+    if query_len == 1 and padding_mask is None:
+        return None
+    last_visible = key_len - query_len + torch.arange(query_len, device=device)
+    mask = (torch.arange(key_len, device=device)[None, :] <= last_visible[:, None])[None, None]
+    if padding_mask is not None:
+        mask = mask & padding_mask[:, None, None, -key_len:].bool()
+        mask = mask | ~mask.any(-1, keepdim=True)  # a padding query sees nothing: give it anything, not NaN
+    return mask
+
+
+def _masked_path(query, key, value, mask, scaling, dropout):
+    """SDPA with an explicit bool mask (None: every query sees every key); [B, S, H, D]."""
     if key.shape[1] != query.shape[1]:
         key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
-    if key.shape[2] != query.shape[2]:  # a cache in front: the new queries are the last rows of the square
-        mask = mask[..., -query.shape[2]:, :]
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2)
 
@@ -118,11 +132,14 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     )
     if flash_ok:
         return _flash_path(query, key, value, position_ids, scaling), None
-    if key.shape[2] != query.shape[2] and attention_mask is None and query.shape[2] == 1:
-        position_ids = torch.arange(key.shape[2], device=query.device)[None].expand(query.shape[0], -1)
-    elif key.shape[2] != query.shape[2] and not isinstance(attention_mask, torch.Tensor):
-        raise ValueError("varlen attention with a KV cache needs an attention mask; use sdpa for generation.")
-    return _masked_path(query, key, value, attention_mask, position_ids, scaling, dropout), None
+    padding = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    elif key.shape[2] != query.shape[2]:  # a KV cache in front: generation
+        mask = generation_mask(query.shape[2], key.shape[2], padding, query.device)
+    else:
+        mask = document_mask(position_ids, padding)
+    return _masked_path(query, key, value, mask, scaling, dropout), None
 
 
 def register_varlen_attention() -> str:
