@@ -123,7 +123,7 @@ def test_missing_values_skip_and_missing_columns_raise():
     with pytest.raises(SwiftKVInputError, match="'answer'"):
         resolve_mapper(SourceConfig(format="gsm8k"), ["question", "solution"])
     with pytest.raises(SwiftKVInputError, match="cannot tell the record format"):
-        resolve_mapper(SourceConfig(), ["text"])
+        resolve_mapper(SourceConfig(), ["body"])
 
 
 # --------------------------------------------------------------------------- masking
@@ -244,6 +244,57 @@ def test_sample_count_takes_a_seeded_subset(tmp_path, tok):
     first = all_texts(tok, build_datasets(config(tmp_path, data, sample_count=10), tok)[0])
     again = all_texts(tok, build_datasets(config(tmp_path, data, sample_count=10), tok)[0])
     assert len(first) == 10 and first == again
+
+
+def test_text_files_become_windows_with_every_token_trained(tmp_path, tok):
+    folder = tmp_path / "essays"
+    folder.mkdir()
+    docs = {"a.txt": "Short essay.\nTwo lines.", "b.txt": "".join(f"sentence {i}. " for i in range(40))}
+    for name, text in docs.items():
+        (folder / name).write_text(text)
+    train, _ = build_datasets(config(tmp_path, folder, max_length=64), tok)  # auto-detected: the "text" column
+    eos = tok.eos_token_id
+    for i in range(len(train)):
+        ids, labels = train[i]["input_ids"].tolist(), train[i]["labels"].tolist()
+        assert labels[0] == IGNORE_INDEX and labels[1:] == ids[1:]  # no chat template, all trained
+    ids_a = tok(docs["a.txt"], add_special_tokens=False)["input_ids"] + [eos]
+    ids_b = tok(docs["b.txt"], add_special_tokens=False)["input_ids"] + [eos]
+    assert len(ids_b) > 128
+    windows = sorted(row["input_ids"].tolist() for row in (train[i] for i in range(len(train))))
+    expected = sorted([ids_a] + [ids_b[s : s + 64] for s in range(0, len(ids_b), 64) if len(ids_b[s : s + 64]) > 1])
+    assert windows == expected  # one record per file (newlines kept), long documents cut, nothing dropped
+    assert train.stats["sources"][0]["records"] == 2 and train.stats["sources"][0]["truncated"] == 0
+
+
+def test_text_field_of_json_records(tmp_path, tok):
+    data = write_jsonl(tmp_path / "t.jsonl", [{"body": "hello there", "id": 1}])
+    train, _ = build_datasets(config(tmp_path, data, format="text", text_field="body"), tok)
+    assert decode(tok, train[0]["input_ids"]) == "hello there" + tok.eos_token
+    with pytest.raises(SwiftKVInputError, match="no field 'text'"):
+        build_datasets(config(tmp_path, data, format="text"), tok)
+
+
+def test_repeat_upsamples_training_samples_only(tmp_path, tok):
+    qa = write_jsonl(tmp_path / "qa.jsonl", qa_records(20))
+    notes = write_jsonl(tmp_path / "notes.jsonl", [{"text": f"note number {i}"} for i in range(6)])
+    base = dict(max_length=256, pack=False, use_cache=False, eval_samples=5)
+
+    def build(repeat):
+        cfg = DataConfig(sources=[SourceConfig(path=str(qa)), SourceConfig(path=str(notes), repeat=repeat)], **base)
+        train, eval_ = build_datasets(cfg, tok)
+        return all_texts(tok, train), all_texts(tok, eval_)
+
+    train_1, eval_1 = build(1)
+    train_3, eval_3 = build(3)
+    assert eval_3 == eval_1  # the eval split is drawn before upsampling
+    notes_1 = [t for t in train_1 if t.startswith("note")]
+    assert sorted(t for t in train_3 if t.startswith("note")) == sorted(notes_1 * 3)
+    assert sorted(t for t in train_3 if not t.startswith("note")) == sorted(t for t in train_1 if not t.startswith("note"))
+    assert not set(train_3) & set(eval_3)
+    tail = train_3[-2 * len(notes_1):]
+    assert not all(t.startswith("note") for t in tail)  # the copies are shuffled in, not appended
+    with pytest.raises(SwiftKVInputError, match="repeat=0"):
+        build(0)
 
 
 # --------------------------------------------------------------------------- caching

@@ -18,7 +18,7 @@ from .dataset import TokenizedDataset
 from .formats import RecordMapper, SkipRecord, resolve_mapper
 from .packing import pack_samples
 from .sources import load_records
-from .tokenization import IGNORE_INDEX, check_chat_template, tokenize_messages
+from .tokenization import IGNORE_INDEX, check_chat_template, tokenize_messages, tokenize_text
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ SAMPLE_FEATURES = datasets.Features(
         "labels": datasets.Sequence(datasets.Value("int32")),
         "truncated": datasets.Value("bool"),
         "skip_reason": datasets.Value("string"),
+        "source": datasets.Value("int32"),  # index into cfg.sources, for per-source upsampling (dropped after)
     }
 )
 
@@ -98,7 +99,7 @@ def build_splits(cfg: DataConfig, tokenizer, workdir: Path | None, scratch_dir: 
     for index, source in enumerate(cfg.sources):
         records = load_records(source, cfg.seed, scratch_dir)
         mapper = resolve_mapper(source, records.column_names)
-        samples, stats = _tokenize_source(records, source, mapper, tokenizer, cfg, end_of_turn,
+        samples, stats = _tokenize_source(records, index, source, mapper, tokenizer, cfg, end_of_turn,
                                           _map_args(workdir, f"source{index}", fingerprint))
         per_source.append(samples)
         source_stats.append(stats)
@@ -106,8 +107,8 @@ def build_splits(cfg: DataConfig, tokenizer, workdir: Path | None, scratch_dir: 
     # One seeded shuffle decides both the eval split and the order samples are packed in.
     samples = datasets.concatenate_datasets(per_source).shuffle(seed=cfg.seed, keep_in_memory=True)
     n_eval = eval_size(len(samples), cfg)
-    eval_samples = samples.select(range(n_eval)) if n_eval > 0 else None
-    train_samples = samples.select(range(n_eval, len(samples)))
+    eval_samples = samples.select(range(n_eval)).remove_columns("source") if n_eval > 0 else None
+    train_samples = upsample(samples.select(range(n_eval, len(samples))), cfg)
 
     stats: dict[str, Any] = {"sources": source_stats, "max_length": cfg.max_length, "packed": cfg.pack}
     train = _finish_split(train_samples, cfg, tokenizer, _map_args(workdir, "train", fingerprint))
@@ -117,6 +118,21 @@ def build_splits(cfg: DataConfig, tokenizer, workdir: Path | None, scratch_dir: 
         eval_ = _finish_split(eval_samples, cfg, tokenizer, _map_args(workdir, "eval", fingerprint))
         stats["eval"] = split_stats(eval_samples, eval_, cfg)
     return train, eval_, stats
+
+
+def upsample(train_samples: datasets.Dataset, cfg: DataConfig) -> datasets.Dataset:
+    """Each source's training samples ``repeat`` times, reshuffled (seeded) so the copies spread over the epoch.
+    Without any repeat the order is left as it is."""
+    repeats = [source.repeat for source in cfg.sources]
+    if all(r == 1 for r in repeats):
+        return train_samples.remove_columns("source")
+    extra = []
+    for index, r in enumerate(repeats):
+        if r > 1:
+            own = train_samples.filter(lambda s: s == index, input_columns="source", keep_in_memory=True)
+            extra += [own] * (r - 1)
+    mixed = datasets.concatenate_datasets([train_samples, *extra]).shuffle(seed=cfg.seed + 1, keep_in_memory=True)
+    return mixed.remove_columns("source")
 
 
 def _map_args(workdir: Path | None, name: str, fingerprint: str) -> dict:
@@ -130,20 +146,35 @@ def _map_args(workdir: Path | None, name: str, fingerprint: str) -> dict:
 
 
 def tokenize_record(record: dict, mapper: RecordMapper, tokenizer, max_length: int, mask_inputs: bool,
-                    end_of_turn: str | None) -> dict:
-    """datasets.map function: one raw record -> input_ids/labels, or an empty sample with a skip reason."""
+                    end_of_turn: str | None) -> list[dict]:
+    """One raw record -> its samples (input_ids/labels; a text record may give several windows), or one empty
+    sample with a skip reason."""
     try:
-        messages = mapper(record)
-        sample = tokenize_messages(tokenizer, messages, max_length, mask_inputs, end_of_turn)
+        if mapper.format == "text":
+            samples = tokenize_text(tokenizer, mapper.text(record), max_length)
+        else:
+            samples = [tokenize_messages(tokenizer, mapper(record), max_length, mask_inputs, end_of_turn)]
     except SkipRecord as skip:
-        return {"input_ids": [], "labels": [], "truncated": False, "skip_reason": skip.reason}
-    return {**sample, "skip_reason": ""}
+        return [{"input_ids": [], "labels": [], "truncated": False, "skip_reason": skip.reason}]
+    return [{**sample, "skip_reason": ""} for sample in samples]
 
 
-def _tokenize_source(records, source: SourceConfig, mapper, tokenizer, cfg: DataConfig, end_of_turn, map_args):
+def tokenize_batch(batch: dict[str, list], source_index: int, **kwargs) -> dict[str, list]:
+    """datasets.map function (batched, so one record may become several samples)."""
+    out: dict[str, list] = {name: [] for name in SAMPLE_FEATURES}
+    for i in range(len(next(iter(batch.values())))):
+        for sample in tokenize_record({k: v[i] for k, v in batch.items()}, **kwargs):
+            for name, value in {**sample, "source": source_index}.items():
+                out[name].append(value)
+    return out
+
+
+def _tokenize_source(records, index: int, source: SourceConfig, mapper, tokenizer, cfg: DataConfig, end_of_turn,
+                     map_args):
     tokenized = records.map(
-        tokenize_record,
-        fn_kwargs={"mapper": mapper, "tokenizer": tokenizer, "max_length": cfg.max_length,
+        tokenize_batch,
+        batched=True,
+        fn_kwargs={"source_index": index, "mapper": mapper, "tokenizer": tokenizer, "max_length": cfg.max_length,
                    "mask_inputs": cfg.mask_inputs, "end_of_turn": end_of_turn},
         remove_columns=records.column_names,
         features=SAMPLE_FEATURES,

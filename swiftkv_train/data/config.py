@@ -5,7 +5,7 @@ from typing import Any
 
 from ..errors import SwiftKVInputError
 
-FORMATS = ("auto", "chat", "alpaca", "gsm8k", "prompt_response")
+FORMATS = ("auto", "chat", "alpaca", "gsm8k", "prompt_response", "text")
 
 
 @dataclass
@@ -17,7 +17,9 @@ class SourceConfig:
     split: str = "train"
     name: str | None = None
     revision: str | None = None
-    # How records become chat messages; "auto" picks from the column names.
+    # How records become samples; "auto" picks from the column names. "text" is plain text (a "text" column, or
+    # .txt files, one record per file): no chat template, every token trained, long documents cut into windows of
+    # max_length tokens instead of truncated.
     format: str = "auto"
     # Take this many raw records (a seeded random subset) before tokenization; None takes all.
     sample_count: int | None = None
@@ -30,6 +32,10 @@ class SourceConfig:
     # system_prompt is used. Either is prepended as a system turn when a record has none.
     system_field: str | None = None
     system_prompt: str | None = None
+    text_field: str | None = None
+    # Upsampling: this source's training samples enter the mix this many times (the eval split is drawn first,
+    # so a repeated sample never lands in both).
+    repeat: int = 1
 
 
 @dataclass
@@ -112,6 +118,10 @@ def validate_data_config(cfg: DataConfig) -> None:
         if source.format not in FORMATS:
             raise SwiftKVInputError(
                 f"data source {source.path!r}: unknown format {source.format!r}; use one of {', '.join(FORMATS)}."
+            )
+        if isinstance(source.repeat, bool) or not isinstance(source.repeat, int) or source.repeat < 1:
+            raise SwiftKVInputError(
+                f"data source {source.path!r}: repeat={source.repeat!r} must be an integer >= 1 (1 = no upsampling)."
             )
         if source.sample_count is not None and source.sample_count < 1:
             raise SwiftKVInputError(

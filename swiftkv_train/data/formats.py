@@ -13,6 +13,8 @@ DEFAULT_FIELDS: dict[str, tuple[str, str | None, str]] = {
 }
 # Chat columns tried in order: OpenAI style first, then ShareGPT style.
 CHAT_FIELDS = ("messages", "conversations")
+# The column of plain-text records (the Hub convention, and what .txt files load as).
+TEXT_FIELD = "text"
 # ShareGPT speaker names (and common variants) mapped to chat-template roles.
 ROLE_ALIASES = {
     "human": "user",
@@ -45,6 +47,11 @@ class RecordMapper:
     response_field: str | None = None
     system_field: str | None = None
     system_prompt: str | None = None
+    text_field: str | None = None
+
+    def text(self, record: dict) -> str:
+        """The document of a ``text`` format record."""
+        return _required_text(record, self.text_field)
 
     def __call__(self, record: dict) -> list[dict[str, str]]:
         if self.format == "chat":
@@ -103,6 +110,8 @@ def detect_format(columns: list[str]) -> str | None:
     for fmt, (prompt, _, response) in DEFAULT_FIELDS.items():
         if prompt in columns and response in columns:
             return fmt
+    if TEXT_FIELD in columns:
+        return "text"
     return None
 
 
@@ -114,15 +123,21 @@ def resolve_mapper(source: SourceConfig, columns: list[str]) -> RecordMapper:
             fmt = "chat"
         elif source.prompt_field and source.response_field:
             fmt = "prompt_response"
+        elif source.text_field:
+            fmt = "text"
         else:
             fmt = detect_format(columns)
         if fmt is None:
             raise SwiftKVInputError(
                 f"data source {source.path!r}: cannot tell the record format from its columns {columns}. "
-                f"Set format (chat, alpaca, gsm8k, prompt_response) and the field names "
-                f"(messages_field, or prompt_field/response_field)."
+                f"Set format (chat, alpaca, gsm8k, prompt_response, text) and the field names "
+                f"(messages_field, prompt_field/response_field, or text_field)."
             )
-    if fmt == "chat":
+    if fmt == "text":
+        field = source.text_field or TEXT_FIELD
+        required = [field]
+        mapper = RecordMapper("text", text_field=field)
+    elif fmt == "chat":
         field = source.messages_field or next((c for c in CHAT_FIELDS if c in columns), CHAT_FIELDS[0])
         required = [field]
         mapper = RecordMapper("chat", messages_field=field, system_field=source.system_field,
@@ -142,6 +157,7 @@ def resolve_mapper(source: SourceConfig, columns: list[str]) -> RecordMapper:
     if absent:
         raise SwiftKVInputError(
             f"data source {source.path!r} ({fmt} format) has no field {absent[0]!r}; its columns are {columns}. "
-            f"Set the matching *_field option (e.g. prompt_field/response_field/messages_field) or the format."
+            f"Set the matching *_field option (e.g. prompt_field/response_field/messages_field/text_field) or the "
+            f"format."
         )
     return mapper

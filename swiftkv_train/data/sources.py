@@ -1,4 +1,4 @@
-"""Load the raw records of one source: local json/jsonl/parquet files, a shipped dataset, or a Hub dataset."""
+"""Load the raw records of one source: local json/jsonl/parquet/txt files, a shipped dataset, or a Hub dataset."""
 
 import glob
 import logging
@@ -12,7 +12,7 @@ from .config import SourceConfig
 log = logging.getLogger(__name__)
 
 # File suffix -> the `datasets` builder that reads it.
-BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_ROOT = Path(__file__).parent  # shipped datasets live in folders beside this module
 
@@ -47,14 +47,16 @@ def _data_files_in(folder: Path) -> list[Path]:
 
 def _checked(path: str, files: list[Path]) -> list[Path]:
     if len(files) == 0:
-        raise SwiftKVInputError(f"data source {path!r} matches no .json/.jsonl/.parquet files.")
+        raise SwiftKVInputError(f"data source {path!r} matches no .json/.jsonl/.parquet/.txt files.")
     unsupported = [f for f in files if f.suffix not in BUILDERS]
     if unsupported:
         raise SwiftKVInputError(
-            f"data file {str(unsupported[0])!r} has an unsupported type: use .json, .jsonl or .parquet."
+            f"data file {str(unsupported[0])!r} has an unsupported type: use .json, .jsonl, .parquet or .txt."
         )
     if len({BUILDERS[f.suffix] for f in files}) > 1:
-        raise SwiftKVInputError(f"data source {path!r} mixes json and parquet files: list them as separate sources.")
+        raise SwiftKVInputError(
+            f"data source {path!r} mixes json, parquet and/or text files: list them as separate sources."
+        )
     return [f.resolve() for f in files]
 
 
@@ -94,12 +96,14 @@ def _load_local(path: str, files: list[Path], scratch_dir: str | None) -> datase
         raise SwiftKVInputError(f"data source {path!r} is empty: {str(empty[0])!r} has no records.")
     builder = BUILDERS[files[0].suffix]
     data_files = [str(f) for f in files if f not in empty]
+    # A .txt file is one record (one document), not one record per line.
+    options = {"sample_by": "document"} if builder == "text" else {}
     try:
-        return datasets.load_dataset(builder, data_files=data_files, split="train", cache_dir=scratch_dir)
+        return datasets.load_dataset(builder, data_files=data_files, split="train", cache_dir=scratch_dir, **options)
     except Exception as err:  # pyarrow/json errors: keep the cause, name the file
         raise SwiftKVInputError(
             f"could not read data source {path!r} as {builder}: {err}. Check the file is valid "
-            f"{'JSON Lines or a JSON array' if builder == 'json' else 'parquet'}."
+            f"{ {'json': 'JSON Lines or a JSON array', 'parquet': 'parquet', 'text': 'UTF-8 text'}[builder] }."
         ) from err
 
 
@@ -120,5 +124,5 @@ def _load_hub(source: SourceConfig) -> datasets.Dataset:
     except Exception as err:  # not found, no network, bad split: one clear message with the cause chained
         raise SwiftKVInputError(
             f"could not load Hub dataset {source.path!r} (name={source.name!r}, split={source.split!r}): {err}. "
-            f"For a local file give an existing path ending in .json, .jsonl or .parquet."
+            f"For a local file give an existing path ending in .json, .jsonl, .parquet or .txt."
         ) from err

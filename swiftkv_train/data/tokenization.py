@@ -121,3 +121,24 @@ def tokenize_messages(
         reason = "no assistant tokens left after truncation" if truncated else "no assistant tokens"
         raise SkipRecord(reason)
     return {"input_ids": input_ids, "labels": labels, "truncated": truncated}
+
+
+def tokenize_text(tokenizer, text: str, max_length: int) -> list[dict[str, Any]]:
+    """A plain-text document as consecutive windows of at most ``max_length`` tokens, every token trained.
+
+    The document ends with the tokenizer's EOS (so packed documents are separated as in pretraining). Each window's
+    first label is masked: inside a window nothing predicts it."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    if not ids:
+        raise SkipRecord("empty text")
+    windows = []
+    for start in range(0, len(ids), max_length):
+        window = ids[start : start + max_length]
+        if len(window) < 2:  # a lone trailing token has nothing to train
+            continue
+        windows.append({"input_ids": window, "labels": [IGNORE_INDEX] + window[1:], "truncated": False})
+    if not windows:
+        raise SkipRecord("text too short (fewer than 2 tokens)")
+    return windows
