@@ -45,6 +45,12 @@ class SwiftKVConfig:
     reuse_teacher_prefix: bool = True
     # Activation checkpointing of the student's later layers (the only layers with gradients).
     gradient_checkpointing: bool = True
+    # K/V projection init: "mean" (the reference: each group's own k/v_proj, averaged over an AcrossKV group) or
+    # "least_squares" (a ridge fit of the teacher's K/V from norm_swiftkv(h_M) on calibration_batches training
+    # batches; kv_init_ridge is relative to the mean input energy).
+    kv_init: str = "mean"
+    calibration_batches: int = 8
+    kv_init_ridge: float = 1.0e-4
 
 
 @dataclass

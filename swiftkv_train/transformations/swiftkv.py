@@ -7,6 +7,7 @@ in chunks from hidden states (never the full [B, S, V] logits), plus a weighted 
 """
 
 import contextlib
+from itertools import islice
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -15,6 +16,7 @@ from transformers.masking_utils import create_causal_mask
 from ..errors import SwiftKVInputError
 from ..losses import chunked_kl_loss, hidden_mse_loss, kl_mask_from_labels
 from ..transform import to_swiftkv
+from ..transform.swiftkv_calibration import least_squares_kv_init
 from .base import Transformation
 
 
@@ -59,6 +61,24 @@ class SwiftKVTransformation(Transformation):
             raise SwiftKVInputError(f"transform.swiftkv.temperature={self.cfg.temperature} must be > 0.")
         if self.cfg.hidden_loss_weight:
             self.hidden_index(config)
+        if self.cfg.kv_init not in ("mean", "least_squares"):
+            raise SwiftKVInputError(
+                f"transform.swiftkv.kv_init={self.cfg.kv_init!r}: use 'mean' (the reference init) or 'least_squares'."
+            )
+        batches = self.cfg.calibration_batches
+        if self.cfg.kv_init == "least_squares" and (isinstance(batches, bool) or not isinstance(batches, int)
+                                                     or batches < 1):
+            raise SwiftKVInputError(f"transform.swiftkv.calibration_batches={batches!r} must be a positive integer.")
+
+    def calibrate(self, student, batches) -> None:
+        """kv_init=least_squares: fit the K/V projections to the teacher's on the first training batches."""
+        if self.cfg.kv_init != "least_squares":
+            return
+        batches = list(islice(iter(batches), self.cfg.calibration_batches))
+        if not batches:
+            raise SwiftKVInputError("kv_init=least_squares got no calibration batches: give training data.")
+        # Runs before DeepSpeed wraps the model: the weights are whole on every rank (the sums are all-reduced).
+        self.kv_fit = least_squares_kv_init(getattr(student, "module", student), batches, ridge=self.cfg.kv_init_ridge)
 
     def hidden_index(self, config) -> int:
         """transformers' hidden_states index of the MSE target, checked to lie after layer M."""
