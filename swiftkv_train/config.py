@@ -111,6 +111,10 @@ class DeepSpeedConfig:
     allgather_bucket_size: int = 500_000_000
     stage3_prefetch_bucket_size: int = 50_000_000
     stage3_param_persistence_threshold: int = 100_000
+    # Gathered ZeRO-3 parameters stay live up to this many (DeepSpeed's defaults); SwiftKV reuses layers >= M right
+    # after the teacher ran them, so a reuse distance above their size saves gathering them again.
+    stage3_max_live_parameters: int = 1_000_000_000
+    stage3_max_reuse_distance: int = 1_000_000_000
     # Any further DeepSpeed config keys, merged last.
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -19,6 +19,8 @@ def build_deepspeed_config(trainer_cfg, ds_cfg, bf16: bool) -> dict:
         zero.update(
             stage3_prefetch_bucket_size=ds_cfg.stage3_prefetch_bucket_size,
             stage3_param_persistence_threshold=ds_cfg.stage3_param_persistence_threshold,
+            stage3_max_live_parameters=ds_cfg.stage3_max_live_parameters,
+            stage3_max_reuse_distance=ds_cfg.stage3_max_reuse_distance,
             stage3_gather_16bit_weights_on_model_save=False,  # exports gather parameter by parameter instead
         )
     if ds_cfg.offload_optimizer:
