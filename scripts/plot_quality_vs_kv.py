@@ -29,9 +29,10 @@ def _load(results: Path, name: str) -> dict:
 
 def swiftkv_points(results: Path) -> list[tuple[str, float, float, float]]:
     """(label, bytes/token, KL, needle@4000) of the best measured run per (M, g)."""
-    picks = [("SwiftKV M=20", "smollm2_quality_h100_run5.json", "m20_mse_lr3e3_varlen", 20, 1),
-             ("SwiftKV M=15", "smollm2_quality_h100_run5.json", "m15_mse_lr3e3_varlen", 15, 1),
-             ("SwiftKV M=20 g=2", "smollm2_quality_h100_run3.json", "m20_g2_lr2e3", 20, 2)]
+    picks = [("SwiftKV M=20", "smollm2_quality_h100_run8.json", "m20_lsq_essays8", 20, 1),
+             ("SwiftKV M=15", "smollm2_quality_h100_run7.json", "m15_lsq_essays8", 15, 1),
+             ("SwiftKV M=20 g=2", "smollm2_quality_h100_run8.json", "m20_g2_lsq_essays8", 20, 2),
+             ("SwiftKV M=15 g=2", "smollm2_quality_h100_run9.json", "m15_g2_lsq_essays8", 15, 2)]
     points = []
     for label, file, variant, m, g in picks:
         distilled = _load(results, file)["variants"][variant]["distilled"]
