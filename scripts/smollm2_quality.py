@@ -10,6 +10,8 @@ evaluation harness (fidelity to the teacher on 2048-token windows of the essays,
 the teacher. Training uses recipe smollm2_swiftkv_gpu on GSM8K + Alpaca (local files under --data). A variant may
 add natural text with the pseudo-override ``essays=R``: the essays NOT used by the evaluation (all but the first
 ones in name order, --essay-holdout-chars) join the mix as plain text, R times over. With
+``extra=R`` adds the prompt/response records of --extra-data (e.g. long-context retrieval questions over the
+training essays from scripts/make_locret_data.py --holdout-chars 100000) R times over. With
 ``transform.swiftkv.kv_init=least_squares`` the calibrated initialisation is evaluated too ("calibrated").
 Writes <out>/quality.json and prints a table.
 """
@@ -91,6 +93,8 @@ def main():
                         help="essays=R variants: hold out the first essays in name order up to this many characters")
     parser.add_argument("--no-init-eval", action="store_true",
                         help="skip evaluating the reference initialisation (the same for every variant with one M, g)")
+    parser.add_argument("--extra-data", type=Path,
+                        help="extra=R variants: a prompt/response jsonl added to the mix (hold out the same essays)")
     args = parser.parse_args()
     register_schemas()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -105,8 +109,13 @@ def main():
         name, _, overrides = spec.partition(":")
         overrides = [o for o in overrides.split(",") if o]
         essays = [int(o.split("=", 1)[1]) for o in overrides if o.startswith("essays=")]
-        overrides = [o for o in overrides if not o.startswith("essays=")]
+        extra = [int(o.split("=", 1)[1]) for o in overrides if o.startswith("extra=")]
+        overrides = [o for o in overrides if not o.startswith(("essays=", "extra="))]
         variant_sources = sources
+        if extra:
+            if args.extra_data is None:
+                raise SystemExit(f"variant {name}: extra={extra[0]} needs --extra-data")
+            variant_sources = variant_sources[:-1] + f",{{path:{args.extra_data},format:prompt_response,repeat:{extra[0]}}}]"
         if essays:
             _, tok = load_pretrained("smollm2-135m-instruct", dtype=torch.float32, device="cpu")
             held, train = essay_split(args.data / "pg_essays", args.essay_holdout_chars, tok,
@@ -116,7 +125,7 @@ def main():
             folder.mkdir(parents=True)
             for path in train:
                 shutil.copy(path, folder / path.name)
-            variant_sources = sources[:-1] + f",{{path:{folder},format:text,repeat:{essays[0]}}}]"
+            variant_sources = variant_sources[:-1] + f",{{path:{folder},format:text,repeat:{essays[0]}}}]"
             print(f"{name}: held out {len(held)} essays ({held[0].name} .. {held[-1].name}), training on "
                   f"{len(train)} x {essays[0]}", flush=True)
         with initialize_config_module("swiftkv_train.recipes", version_base="1.3"):
