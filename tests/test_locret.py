@@ -1,5 +1,6 @@
 """Locret: labels, budgeted chunked prefill, eviction rules, training and the trust_remote_code export."""
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -161,6 +162,39 @@ def adversarial_score(position: int, head: int) -> float:
     return -float(position) if head % 2 == 0 else float((position * 37) % 101)
 
 
+@contextlib.contextmanager
+def watching_cache(model, seen):
+    """While inside, ``seen["cache"]`` is the cache of the model's running forward."""
+
+    def grab_cache(module, args, kwargs):
+        seen["cache"] = kwargs["past_key_values"]
+
+    handle = model.model.register_forward_pre_hook(grab_cache, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def install_fake_scores(model, monkeypatch, tied=False) -> dict:
+    """Every layer's retaining-head scores become adversarial_score of each entry's position (all equal when
+    ``tied``), read from the cache that ``watching_cache`` puts into the returned dict."""
+    seen = {}
+
+    def fake_scores(query_flat, key_flat, value_flat):
+        cache = seen["cache"]
+        positions = torch.arange(cache.tokens_seen, cache.tokens_seen + query_flat.shape[1])
+        heads = model.config.num_key_value_heads
+        if tied:  # every score equal: ties go to the earlier entry
+            return torch.zeros(query_flat.shape[0], heads, len(positions))
+        scores = [[adversarial_score(int(p), h) for p in positions] for h in range(heads)]
+        return torch.tensor(scores).expand(query_flat.shape[0], -1, -1)
+
+    for layer in model.model.layers:
+        monkeypatch.setattr(layer.self_attn, "retaining_scores", fake_scores)
+    return seen
+
+
 def simulate_kept(length, budget, chunk, stabilizers, n_local, head):
     """Positions kept by one KV head after each evicting chunk and at the end, from the rules alone."""
     keep, evictable = budget - n_local, length - n_local
@@ -179,33 +213,19 @@ def simulate_kept(length, budget, chunk, stabilizers, n_local, head):
 def test_stabilizers_and_local_tokens_are_never_evicted(locret_model, monkeypatch):
     model, _, _ = locret_model
     length, budget, chunk, stabilizers, n_local = 100, 30, 16, 6, 10
-    seen = {}
-
-    def grab_cache(module, args, kwargs):
-        seen["cache"] = kwargs["past_key_values"]
-
-    def fake_scores(query_flat, key_flat, value_flat):
-        cache = seen["cache"]
-        positions = torch.arange(cache.tokens_seen, cache.tokens_seen + query_flat.shape[1])
-        heads = model.config.num_key_value_heads
-        scores = [[adversarial_score(int(p), h) for p in positions] for h in range(heads)]
-        return torch.tensor(scores).expand(query_flat.shape[0], -1, -1)
-
+    seen = install_fake_scores(model, monkeypatch)
     states = []
 
     def record(module, args, output):
         cache = seen["cache"]
         states.append((cache.tokens_seen, cache.layers[module.layer_idx].positions[0].clone()))
 
-    handles = [model.model.register_forward_pre_hook(grab_cache, with_kwargs=True)]
-    for layer in model.model.layers:
-        monkeypatch.setattr(layer.self_attn, "retaining_scores", fake_scores)
-        handles.append(layer.self_attn.register_forward_hook(record))
+    handles = [layer.self_attn.register_forward_hook(record) for layer in model.model.layers]
     ids = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(6))
     try:
-        cache = model.chunked_prefill(
-            ids, locret_budget=budget, locret_chunk_size=chunk, locret_stabilizers=stabilizers, locret_n_local=n_local
-        )
+        with watching_cache(model, seen):
+            cache = model.chunked_prefill(ids, locret_budget=budget, locret_chunk_size=chunk,
+                                          locret_stabilizers=stabilizers, locret_n_local=n_local)
     finally:
         for handle in handles:
             handle.remove()
@@ -228,14 +248,11 @@ def test_stabilizers_and_local_tokens_are_never_evicted(locret_model, monkeypatc
     assert cache.num_entries() == budget
 
     # Decoding with eviction on: the local tokens (stored with score +inf) outlive every decode eviction.
-    handle = model.model.register_forward_pre_hook(grab_cache, with_kwargs=True)
-    try:
+    with watching_cache(model, seen):
         out = model.generate(
             ids, max_new_tokens=2 * chunk + 3, do_sample=False, locret_budget=budget, locret_chunk_size=chunk,
             locret_stabilizers=stabilizers, locret_n_local=n_local, locret_decode_eviction=True,
         )
-    finally:
-        handle.remove()
     cache = seen["cache"]
     assert out.shape[1] == length + 2 * chunk + 3
     for layer in cache.layers:
@@ -559,9 +576,6 @@ def test_current_chunk_is_exact_then_quantized(locret_model, monkeypatch):
         seen["checks"] += 1
         return keys, values
 
-    def grab_cache(module, args, kwargs):
-        seen["cache"] = kwargs["past_key_values"]
-
     def after_attention(module, args, output):  # finish_layer has run: evicted, then stored quantized
         cache = seen["cache"]
         layer = cache.layers[module.layer_idx]
@@ -576,13 +590,13 @@ def test_current_chunk_is_exact_then_quantized(locret_model, monkeypatch):
         seen["after"] += 1
 
     monkeypatch.setattr(cache_llama_locret.LocretLayer, "update", checked_update)
-    handles = [model.model.register_forward_pre_hook(grab_cache, with_kwargs=True)]
-    handles += [layer.self_attn.register_forward_hook(after_attention) for layer in model.model.layers]
+    handles = [layer.self_attn.register_forward_hook(after_attention) for layer in model.model.layers]
     ids = torch.randint(0, 256, (1, 90), generator=torch.Generator().manual_seed(14))
     try:
-        cache = model.chunked_prefill(ids, locret_quant_bits=bits, locret_quant_group_size=group, **QUANT)
-        with torch.no_grad():  # a decode step: its token too is exact during the step, stored quantized after
-            model(ids[:, -1:], past_key_values=cache)
+        with watching_cache(model, seen):
+            cache = model.chunked_prefill(ids, locret_quant_bits=bits, locret_quant_group_size=group, **QUANT)
+            with torch.no_grad():  # a decode step: its token too is exact during the step, stored quantized after
+                model(ids[:, -1:], past_key_values=cache)
     finally:
         capture.remove()
         for handle in handles:
@@ -598,27 +612,11 @@ def test_quantized_eviction_keeps_the_same_entries(locret_model, monkeypatch, ki
     prefill and with decode eviction, and its codes travel with their entries."""
     model, _, _ = locret_model
     length, budget, chunk, stabilizers, n_local = 100, 30, 16, 6, 10
-    seen = {}
-
-    def grab_cache(module, args, kwargs):
-        seen["cache"] = kwargs["past_key_values"]
-
-    def fake_scores(query_flat, key_flat, value_flat):
-        cache = seen["cache"]
-        positions = torch.arange(cache.tokens_seen, cache.tokens_seen + query_flat.shape[1])
-        heads = model.config.num_key_value_heads
-        if kind == "tied":  # every score equal: ties go to the earlier entry
-            return torch.zeros(query_flat.shape[0], heads, len(positions))
-        scores = [[adversarial_score(int(p), h) for p in positions] for h in range(heads)]
-        return torch.tensor(scores).expand(query_flat.shape[0], -1, -1)
-
-    for layer in model.model.layers:
-        monkeypatch.setattr(layer.self_attn, "retaining_scores", fake_scores)
-    handle = model.model.register_forward_pre_hook(grab_cache, with_kwargs=True)
+    seen = install_fake_scores(model, monkeypatch, tied=kind == "tied")
     ids = torch.randint(0, 256, (2, length), generator=torch.Generator().manual_seed(15))
     settings = dict(locret_budget=budget, locret_chunk_size=chunk, locret_stabilizers=stabilizers,
                     locret_n_local=n_local)
-    try:
+    with watching_cache(model, seen):
         plain = model.chunked_prefill(ids, **settings)
         quant = model.chunked_prefill(ids, locret_quant_bits=2, locret_quant_group_size=4, **settings)
         finals = {}
@@ -626,8 +624,6 @@ def test_quantized_eviction_keeps_the_same_entries(locret_model, monkeypatch, ki
             model.generate(ids, max_new_tokens=2 * chunk + 3, do_sample=False, locret_decode_eviction=True,
                            locret_quant_bits=bits, **settings)
             finals[bits] = seen["cache"]
-    finally:
-        handle.remove()
     if kind == "tied":
         keep = budget - n_local
         assert plain.layers[0].positions[0, 0, : keep - stabilizers].tolist() == list(range(keep - stabilizers))
