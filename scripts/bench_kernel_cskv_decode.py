@@ -37,7 +37,7 @@ for _path in (ROOT, ROOT / "scripts"):  # the repo (swiftkv_train) and this fold
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from bench_utils import import_kernels, median_ms, patch_interpreter, peak_extra_mib, sync  # noqa: E402
+from bench_utils import fmt, import_kernels, median_ms, patch_interpreter, peak_extra_mib, sync  # noqa: E402
 
 # Llama-3.1-8B attention at CSKV density 0.2 (rank 204 of kv_dim 1024), and a small stand-in for CPU smoke runs.
 LLAMA_8B = dict(q_heads=32, kv_heads=8, head_dim=128, rank=204, window=32, theta=500000.0, contexts=(8192, 32768),
@@ -120,9 +120,6 @@ def bench_case(cd, shape, context, batch, bits, dtype, device, repeats, with_ker
 # ------------------------------------------------------------------------------------------------------ output
 
 
-def _fmt(x, spec):
-    return "-" if x is None else format(x, spec)
-
 
 def table(rows, meta) -> str:
     lines = [f"# CSKV decode attention, one layer, one step: {meta['device']} (torch {meta['torch']}, "
@@ -134,12 +131,12 @@ def table(rows, meta) -> str:
              f"{'speedup':>7} {'mem':>7} | {'TFLOP/s':>7} {'GB/s':>6} | rel err"]
     for r in rows:
         ref, ker = r["reference"], r.get("kernel")
-        kernel_cells = (f"{ker['ms']:8.3f} {_fmt(ker['peak_mib'], '7.1f'):>7}M | {r['speedup']:6.2f}x "
-                        f"{_fmt(r.get('mem_reduction'), '6.1f'):>6}x | {ker['tflops']:7.1f} "
+        kernel_cells = (f"{ker['ms']:8.3f} {fmt(ker['peak_mib'], '7.1f'):>7}M | {r['speedup']:6.2f}x "
+                        f"{fmt(r.get('mem_reduction'), '6.1f'):>6}x | {ker['tflops']:7.1f} "
                         f"{ker['cache_read_gbps']:6.0f} | {r['rel_err']:.2e}{'' if r['agree'] else ' DISAGREE'}"
                         if ker else "(no kernel path on this device)")
         lines.append(f"{r['context']:>7} {r['batch']:>2} {str(r['bits']):>4} {r['cache_mib']:9.1f} | "
-                     f"{ref['ms']:8.3f} {_fmt(ref['peak_mib'], '7.1f'):>7}M | {kernel_cells}")
+                     f"{ref['ms']:8.3f} {fmt(ref['peak_mib'], '7.1f'):>7}M | {kernel_cells}")
     return "\n".join(lines)
 
 

@@ -49,7 +49,7 @@ for _path in (ROOT, ROOT / "scripts"):  # the repo (swiftkv_train) and this fold
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from bench_utils import import_kernels, median_ms, peak_extra_mib  # noqa: E402
+from bench_utils import fmt, import_kernels, median_ms, peak_extra_mib  # noqa: E402
 
 PEAK_COPY_TBPS = 3.0  # measured H100 copy ceiling (../shared/device/README.md)
 STABILIZERS = 2500  # the paper's Llama-3.1-8B setting: the newest entries every intermediate eviction keeps
@@ -202,6 +202,12 @@ def bench_fused_case(evict, case, dtype, device, repeats):
     return row
 
 
+def method_lines(results) -> list[str]:
+    """One line per method: median ms | TB/s (% of the copy peak) | peak extra MiB, '*' when it kept other entries."""
+    return [f"  {name:<20} {m['ms']:9.3f} ms | {m['tbps']:6.2f} TB/s ({m['pct_copy_peak']:5.1f}%) | "
+            f"{fmt(m['peak_mib'], '8.1f')} MiB{'' if m['same_kept_entries'] else ' *'}" for name, m in results.items()]
+
+
 def render_fused(meta, rows):
     lines = [f"# Locret eviction with fused retaining-head scoring (fc2) on {meta['device']} (torch {meta['torch']}, "
              f"triton {meta['triton']}, triton path: {meta['triton_path']})",
@@ -213,18 +219,11 @@ def render_fused(meta, rows):
                      f"F={r['features']} keep={r['keep']} protect={r['protect_newest']} {r['dtype']}: "
                      f"fused {r['speedup_fused_vs_torch_fc2_topk']:.2f}x vs torch_fc2_topk, "
                      f"{r['speedup_fused_vs_fc2_then_kernel']:.2f}x vs fc2_then_kernel")
-        for name, m in r["results"].items():
-            flag = "" if m["same_kept_entries"] else " *"
-            lines.append(f"  {name:<20} {m['ms']:9.3f} ms | {m['tbps']:6.2f} TB/s ({m['pct_copy_peak']:5.1f}%) | "
-                         f"{fmt(m['peak_mib'], '8.1f')} MiB{flag}")
+        lines += method_lines(r["results"])
     return "\n".join(lines)
 
 
 # -------------------------------------------------------------------------------------------------------- main
-
-
-def fmt(x, spec):
-    return "-" if x is None else format(x, spec)
 
 
 def render(meta, rows):
@@ -238,10 +237,7 @@ def render(meta, rows):
                      f"protect={r['protect_newest']} {r['dtype']}: must move {r['min_bytes'] / 2**20:.1f} MiB, "
                      f"ideal {r['ideal_ms']:.3f} ms; kernel {r['speedup_kernel_vs_torch_topk']:.2f}x vs torch_topk, "
                      f"{r['speedup_kernel_vs_reference']:.2f}x vs reference")
-        for name, m in r["results"].items():
-            flag = "" if m["same_kept_entries"] else " *"
-            lines.append(f"  {name:<20} {m['ms']:9.3f} ms | {m['tbps']:6.2f} TB/s ({m['pct_copy_peak']:5.1f}%) | "
-                         f"{fmt(m['peak_mib'], '8.1f')} MiB{flag}")
+        lines += method_lines(r["results"])
     return "\n".join(lines)
 
 

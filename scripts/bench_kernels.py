@@ -37,7 +37,7 @@ for _path in (ROOT, ROOT / "scripts"):  # the repo (swiftkv_train) and this fold
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from bench_utils import import_kernels, median_ms, peak_extra_mib, sync  # noqa: E402
+from bench_utils import fmt, import_kernels, median_ms, peak_extra_mib, sync  # noqa: E402
 
 # Measured H100 ceilings (../shared/device/README.md).
 PEAK_BF16_TFLOPS = 692.0
@@ -219,9 +219,6 @@ def bench_kd(kd, device, small, repeats, with_liger, deadline):
 # -------------------------------------------------------------------------------------------------------- main
 
 
-def _fmt(x, spec):
-    return "-" if x is None else format(x, spec)
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -275,8 +272,8 @@ def main(argv=None):
             u, f = r["unfused_torch"], r["fused"]
             fc = r.get("fused+cache_cat", {}).get("ms")
             lines.append(
-                f"{c['tokens']:>6} {c['g']:>2} {c['groups']:>3} | {u['ms']:7.3f} {_fmt(u['peak_mib'], '8.0f'):>8}M | "
-                f"{f['ms']:7.3f} {_fmt(f['peak_mib'], '8.0f'):>8}M | {_fmt(fc, '10.3f')} | "
+                f"{c['tokens']:>6} {c['g']:>2} {c['groups']:>3} | {u['ms']:7.3f} {fmt(u['peak_mib'], '8.0f'):>8}M | "
+                f"{f['ms']:7.3f} {fmt(f['peak_mib'], '8.0f'):>8}M | {fmt(fc, '10.3f')} | "
                 f"{r['gemm_only']['ms']:9.3f} | "
                 f"{c['ideal_ms']:6.3f} | {c['speedup_fused_vs_unfused']:6.2f}x | {c['max_abs_err']:.3g} "
                 f"({100 * f['tflops'] / PEAK_BF16_TFLOPS:.0f}% peak)"
@@ -294,7 +291,7 @@ def main(argv=None):
             if "error" in r or "skipped" in r:
                 lines.append(f"{r['method']:<30} {r.get('error') or r.get('skipped')}")
                 continue
-            lines.append(f"{r['method']:<30} {r['ms']:9.2f} {r['tflops']:8.1f} {_fmt(r['peak_mib'], '9.0f')} "
+            lines.append(f"{r['method']:<30} {r['ms']:9.2f} {r['tflops']:8.1f} {fmt(r['peak_mib'], '9.0f')} "
                          f"{r['loss_rel_err_vs_ref']:12.2e} {r['grad_rel_err_vs_ref']:12.2e} {r['first_call_s']:10.2f}")
             if ref_ms and not r["method"].startswith("chunked"):
                 r["speedup_vs_ref"] = ref_ms / r["ms"]
@@ -304,7 +301,7 @@ def main(argv=None):
             if "speedup_vs_ref" in r:
                 red = r.get("mem_reduction_vs_ref")
                 lines.append(f"  {r['method']}: {r['speedup_vs_ref']:.2f}x faster, "
-                             f"{_fmt(red, '.2f')}x less peak memory than chunked_kl_loss")
+                             f"{fmt(red, '.2f')}x less peak memory than chunked_kl_loss")
         for k, v in liger_errors.items():
             lines.append(f"  ({k}: {v})")
     lines.append("")

@@ -1,5 +1,6 @@
 """Helpers shared by the kernel benchmarks in this folder (bench_kernels.py, bench_kernel_cskv_decode.py,
-bench_kernel_locret_evict.py): importing ``kernels/`` as ``swiftkv_kernels``, the Triton-interpreter patch, timing.
+bench_kernel_locret_evict.py): importing ``kernels/`` as ``swiftkv_kernels``, the Triton-interpreter patch, timing,
+table formatting.
 
 The scripts run as ``python scripts/<name>.py``, which puts this folder on ``sys.path``: they ``import bench_utils``.
 """
@@ -92,3 +93,8 @@ def peak_extra_mib(fn, device, call_off_cuda=True) -> float | None:
     peak = torch.cuda.max_memory_allocated(device) - base
     del result
     return peak / 2**20
+
+
+def fmt(x, spec: str) -> str:
+    """``format(x, spec)``, or "-" for a value that was not measured (None)."""
+    return "-" if x is None else format(x, spec)
