@@ -33,6 +33,8 @@ from swiftkv_train.train.trainer import run_training
 from swiftkv_train.transform import to_swiftkv
 from swiftkv_train.transformations.swiftkv import SwiftKVTransformation
 
+from make_locret_data import training_essays  # this folder is on sys.path when run as scripts/<name>.py
+
 
 def eval_settings(data: Path, windows: int, lengths: list[int]) -> dict:
     essays = str(data / "pg_essays")
@@ -52,22 +54,16 @@ def summarise(result: dict) -> dict:
     return out
 
 
-def essay_split(folder: Path, holdout_chars: int, tokenizer, eval_tokens: int) -> tuple[list[Path], list[Path]]:
-    """(held out, training) essays: the first in name order up to ``holdout_chars`` are held out, and must cover
-    every token the evaluation reads (its windows and haystacks start at the first essay)."""
-    files = sorted(p for p in folder.glob("*.txt") if "LICENSE" not in p.name)
-    held, train, seen = [], [], 0
-    for path in files:
-        if seen < holdout_chars:
-            held.append(path)
-            seen += len(path.read_text(errors="replace"))
-        else:
-            train.append(path)
-    held_tokens = sum(len(tokenizer(p.read_text(errors="replace"))["input_ids"]) + 1 for p in held)
-    if held_tokens < eval_tokens or not train:
+def essay_split(folder: Path, holdout_chars: int, tokenizer, eval_tokens: int) -> tuple[list[str], list[str]]:
+    """(held-out names, training texts), split as make_locret_data.py does (the first essays in name order up to
+    ``holdout_chars`` are held out); the held-out ones must cover every token the evaluation reads (its windows and
+    haystacks start at the first essay)."""
+    held, texts = training_essays(folder, holdout_chars)
+    held_tokens = sum(len(tokenizer((folder / n).read_text(errors="replace"))["input_ids"]) + 1 for n in held)
+    if held_tokens < eval_tokens:
         raise SystemExit(f"--essay-holdout-chars {holdout_chars}: the held-out essays hold {held_tokens} tokens, the "
-                         f"evaluation reads {eval_tokens}, and {len(train)} essays are left to train on: adjust it.")
-    return held, train
+                         f"evaluation reads {eval_tokens}: raise it.")
+    return held, texts
 
 
 def calibrated_init(cfg, device):
@@ -120,13 +116,13 @@ def main():
             _, tok = load_pretrained("smollm2-135m-instruct", dtype=torch.float32, device="cpu")
             held, train = essay_split(args.data / "pg_essays", args.essay_holdout_chars, tok,
                                       max(args.windows * 2048, *lengths))
-            folder = args.out / name / "train_essays"  # copies outside the repository, read by the data pipeline
+            folder = args.out / name / "train_essays"  # written outside the repository, read by the data pipeline
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
-            for path in train:
-                shutil.copy(path, folder / path.name)
+            for i, text in enumerate(train):
+                (folder / f"essay_{i:02d}.txt").write_text(text)
             variant_sources = variant_sources[:-1] + f",{{path:{folder},format:text,repeat:{essays[0]}}}]"
-            print(f"{name}: held out {len(held)} essays ({held[0].name} .. {held[-1].name}), training on "
+            print(f"{name}: held out {len(held)} essays ({held[0]} .. {held[-1]}), training on "
                   f"{len(train)} x {essays[0]}", flush=True)
         with initialize_config_module("swiftkv_train.recipes", version_base="1.3"):
             cfg = compose("config", overrides=["recipe=smollm2_swiftkv_gpu", variant_sources,
