@@ -113,9 +113,7 @@ def collect_kv_statistics(model, batches) -> _Statistics:
             mask = batch.get("attention_mask")
             state["mask"] = mask.reshape(-1).bool() if mask is not None else None
             inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if batch.get(k) is not None}
-            # Layers after the last later layer's projections are not needed, but stopping early would need a
-            # second forward path; the teacher forward is cheap next to the solve at these sizes.
-            inner(**inputs, use_cache=False)
+            inner(**inputs, use_cache=False)  # the later layers are the last ones: every layer's input is needed
     finally:
         model.swiftkv(was_on)
         for handle in handles:
