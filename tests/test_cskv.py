@@ -328,7 +328,7 @@ def test_export_round_trip_with_trust_remote_code(tmp_path):
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_llama_cskv.LlamaCSKVForCausalLM"
     assert {p.name for p in export.glob("*.py")} == {  # the decode kernel ships beside the modeling file
         "configuration_llama_cskv.py", "modeling_llama_cskv.py", "cache_llama_cskv.py", "quant_llama_cskv.py",
-        "cskv_decode.py"}
+        "cskv_decode.py", "transformers_compat.py"}
     assert config["use_kernels"] is True
 
     ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(8))

@@ -119,6 +119,8 @@ def _copy_model_code(model: torch.nn.Module, out_dir: Path) -> dict[str, str]:
         source = Path(spec.origin) if spec is not None and spec.origin else _REPO_KERNELS / f"{name}.py"
         if source.is_file():
             return source
+        if (models_dir / f"{name}.py").is_file():  # shared by every model package (transformers_compat)
+            return models_dir / f"{name}.py"
         siblings = sorted(models_dir.glob(f"*/{name}.py"))
         if len(siblings) == 1:
             return siblings[0]

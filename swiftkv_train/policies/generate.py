@@ -15,6 +15,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from ..errors import SwiftKVInputError
+from ..models.transformers_compat import cache_kwarg
 from . import attention
 from .base import CachePolicy
 from .cache import _ACTIVE, PolicyCache
@@ -57,8 +58,8 @@ def _forward(model, ids, start: int, cache, decode_step: int):
     positions = torch.arange(start, start + ids.shape[1], device=ids.device)
     if isinstance(cache, PolicyCache):
         cache.begin_step(positions, decode_step)
-    out = model(input_ids=ids, position_ids=positions.unsqueeze(0).expand(ids.shape[0], -1), past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, position_ids=positions.unsqueeze(0).expand(ids.shape[0], -1), use_cache=True,
+                logits_to_keep=1, **cache_kwarg(cache))
     if isinstance(cache, PolicyCache):
         cache.end_step()
     return out.logits[:, -1]

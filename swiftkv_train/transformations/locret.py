@@ -390,7 +390,7 @@ def prefill_peak(model: LlamaLocretForCausalLM, ids: torch.Tensor, **settings) -
     state = {"cache": None, "bytes": 0, "entries": 0}
 
     def grab_cache(module, args, kwargs):
-        state["cache"] = kwargs.get("past_key_values")
+        state["cache"] = kwargs.get("cache", kwargs.get("past_key_values"))
 
     def measure(module, args, output):
         cache = state["cache"]

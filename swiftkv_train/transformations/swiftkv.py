@@ -15,6 +15,7 @@ from transformers.masking_utils import create_causal_mask
 
 from ..errors import SwiftKVInputError
 from ..losses import chunked_kl_loss, hidden_mse_loss, kl_mask_from_labels
+from ..models.transformers_compat import cache_kwarg
 from ..transform import to_swiftkv
 from ..transform.swiftkv_calibration import least_squares_kv_init
 from .base import Transformation
@@ -103,8 +104,8 @@ class SwiftKVTransformation(Transformation):
             config=inner.config,
             inputs_embeds=embeds,
             attention_mask=batch.get("attention_mask"),
-            past_key_values=None,
             position_ids=position_ids,
+            **cache_kwarg(None),
         )
         return embeds, mask, inner.rotary_emb(embeds, position_ids=position_ids), position_ids
 

@@ -45,6 +45,11 @@ from .cache_llama_cskv import CSKVCache, CSKVCacheLayer
 from .configuration_llama_cskv import LlamaCSKVConfig
 from .quant_llama_cskv import fake_quant_keys, fake_quant_values
 
+try:  # beside this file in an export, one level up in the package
+    from .transformers_compat import CACHE_ARG, accepts_legacy_cache_name, cache_kwarg, output_cache
+except ImportError:
+    from swiftkv_train.models.transformers_compat import CACHE_ARG, accepts_legacy_cache_name, cache_kwarg, output_cache
+
 try:  # Decode attention over the compressed cache: beside this file in an export, from swiftkv_kernels otherwise.
     from .cskv_decode import cskv_decode_attention, kernel_available
 except ImportError:
@@ -125,12 +130,13 @@ class LlamaCSKVAttention(LlamaAttention):
             value = value + self.v_proj.bias
         return _heads(value, self.head_dim)
 
+    @accepts_legacy_cache_name
     def forward(
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         position_ids: torch.LongTensor | None = None,
         cskv_rotary=None,
         cskv_allowed: torch.Tensor | None = None,
@@ -138,15 +144,15 @@ class LlamaCSKVAttention(LlamaAttention):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.config.cskv:
-            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+            return super().forward(hidden_states, position_embeddings, attention_mask, **cache_kwarg(cache), **kwargs)
         query = _heads(self.q_proj(hidden_states), self.head_dim)
         key = _heads(self.k_proj(hidden_states), self.head_dim)
         value = _heads(self.v_proj(hidden_states), self.head_dim)
         cos, sin = position_embeddings
         query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
 
-        if past_key_values is not None:
-            layer, prefill = self._append_to_cache(hidden_states, key, value, past_key_values, position_ids)
+        if cache is not None:
+            layer, prefill = self._append_to_cache(hidden_states, key, value, cache, position_ids)
             if not prefill:
                 attn = self._kernel_decode(query, layer, attention_mask, cskv_rotary)
                 if attn is not None:
@@ -308,30 +314,31 @@ class LlamaCSKVModel(LlamaModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def _checked_cache(self, past_key_values, use_cache: bool):
+    def _checked_cache(self, cache, use_cache: bool):
         """The cache for this mode: a CSKVCache in CSKV mode (an empty DynamicCache is swapped for one)."""
         cskv = self.config.cskv
-        if past_key_values is None:
+        if cache is None:
             if not use_cache:
                 return None
             return CSKVCache(self.config) if cskv else DynamicCache(config=self.config)
-        if cskv and not isinstance(past_key_values, CSKVCache):
-            if past_key_values.get_seq_length() == 0:
+        if cskv and not isinstance(cache, CSKVCache):
+            if cache.get_seq_length() == 0:
                 return CSKVCache(self.config)
             raise ValueError(
                 "CSKV mode (cskv=True) needs a CSKVCache, but a non-empty "
-                f"{type(past_key_values).__name__} was passed; start generation with an empty cache."
+                f"{type(cache).__name__} was passed; start generation with an empty cache."
             )
-        if not cskv and isinstance(past_key_values, CSKVCache):
+        if not cskv and isinstance(cache, CSKVCache):
             raise ValueError("a CSKVCache holds compressed features; the original model (cskv=False) needs a DynamicCache.")
-        return past_key_values
+        return cache
 
+    @accepts_legacy_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -345,12 +352,12 @@ class LlamaCSKVModel(LlamaModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = config.use_cache if use_cache is None else use_cache
-        if cskv_decode_from is not None and (past_key_values is not None or use_cache):
+        if cskv_decode_from is not None and (cache is not None or use_cache):
             raise ValueError("cskv_decode_from simulates decoding without a cache: pass use_cache=False and no cache.")
-        past_key_values = self._checked_cache(past_key_values, use_cache)
+        cache = self._checked_cache(cache, use_cache)
         batch, seq = inputs_embeds.shape[:2]
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(seq, device=inputs_embeds.device) + past_seen).unsqueeze(0)
 
         simulate = config.cskv and cskv_decode_from is not None
@@ -364,8 +371,8 @@ class LlamaCSKVModel(LlamaModel):
                 config=config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
                 position_ids=position_ids,
+                **cache_kwarg(cache),
             )
         if config.cskv:
             extra["cskv_rotary"] = self.rotary_emb
@@ -378,7 +385,7 @@ class LlamaCSKVModel(LlamaModel):
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                **cache_kwarg(cache),
                 **extra,
                 **kwargs,
             )
@@ -389,8 +396,8 @@ class LlamaCSKVModel(LlamaModel):
             all_hidden[-1] = hidden_states  # transformers' convention: the last entry is after the final norm
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            **cache_kwarg(cache if use_cache else None),
         )
 
 
@@ -426,17 +433,18 @@ class LlamaCSKVForCausalLM(LlamaForCausalLM):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """``generate`` builds a DynamicCache; in CSKV mode hand it a CSKVCache instead."""
         result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get(CACHE_ARG)
         if self.config.cskv and type(cache) is DynamicCache and cache.get_seq_length() == 0:
-            model_kwargs["past_key_values"] = self.new_cache()
+            model_kwargs[CACHE_ARG] = self.new_cache()
         return result
 
+    @accepts_legacy_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -451,7 +459,7 @@ class LlamaCSKVForCausalLM(LlamaForCausalLM):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -470,8 +478,8 @@ class LlamaCSKVForCausalLM(LlamaForCausalLM):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            **cache_kwarg(output_cache(outputs)),
         )
 
 

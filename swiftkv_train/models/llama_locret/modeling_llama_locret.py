@@ -45,6 +45,11 @@ from transformers.models.llama.modeling_llama import (
 from .cache_llama_locret import LocretCache
 from .configuration_llama_locret import LlamaLocretConfig, LocretSettings, settings_error, validate_locret_settings
 
+try:  # beside this file in an export, one level up in the package
+    from .transformers_compat import accepts_legacy_cache_name, cache_kwarg
+except ImportError:
+    from swiftkv_train.models.transformers_compat import accepts_legacy_cache_name, cache_kwarg
+
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 
 
@@ -78,10 +83,10 @@ class LlamaLocretAttention(LlamaAttention):
         """Scores [B, H_kv, S] from the projections' outputs before RoPE ([B, S, H*D] each)."""
         return self.retaining_head(torch.cat([query_flat, key_flat, value_flat], dim=-1)).transpose(1, 2)
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-        if not isinstance(past_key_values, LocretCache):
-            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
-        cache = past_key_values
+    @accepts_legacy_cache_name
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        if not isinstance(cache, LocretCache):
+            return super().forward(hidden_states, position_embeddings, attention_mask, **cache_kwarg(cache), **kwargs)
         input_shape = hidden_states.shape[:-1]
         q_len = input_shape[1]
         heads_shape = (*input_shape, -1, self.head_dim)
@@ -158,27 +163,28 @@ class LlamaLocretModel(LlamaModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @accepts_legacy_cache_name
     def forward(
         self,
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds=None,
         use_cache=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        if not isinstance(past_key_values, LocretCache):
+        if not isinstance(cache, LocretCache):
             return super().forward(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
+                **cache_kwarg(cache),
                 **kwargs,
             )
-        return self.locret_forward(past_key_values, input_ids, inputs_embeds, attention_mask)
+        return self.locret_forward(cache, input_ids, inputs_embeds, attention_mask)
 
     def locret_forward(self, cache: LocretCache, input_ids=None, inputs_embeds=None, attention_mask=None):
         """One step on a LocretCache. Positions come from the cache (passed ``position_ids`` are ignored: they
@@ -207,11 +213,11 @@ class LlamaLocretModel(LlamaModel):
                 hidden_states,
                 attention_mask=mask,
                 position_embeddings=position_embeddings,
-                past_key_values=cache,
                 use_cache=True,
+                **cache_kwarg(cache),
             )
         cache.end_step()
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **cache_kwarg(cache))
 
 
 class LlamaLocretForCausalLM(LlamaForCausalLM):
@@ -249,7 +255,7 @@ class LlamaLocretForCausalLM(LlamaForCausalLM):
         The first ``P - n_local`` tokens go in chunks of ``chunk_size``; after each chunk every layer keeps its
         ``budget - n_local`` best entries per KV head (the newest ``stabilizers`` always kept, except after the
         last chunk). The last ``n_local`` tokens are then appended, never to be evicted. Decoding continues from
-        the returned cache (``model(next_ids, past_key_values=cache)`` or ``generate``)."""
+        the returned cache (``model(next_ids, cache=cache)`` or ``generate``)."""
         return self._budgeted_prefill(input_ids, self.locret_settings(**overrides), trailing_local=0)
 
     @torch.no_grad()
@@ -267,11 +273,11 @@ class LlamaLocretForCausalLM(LlamaForCausalLM):
             end = min(start + chunk, evictable)
             protect = 0 if end == evictable else min(settings.stabilizers, keep)
             cache.schedule_eviction(keep, protect)
-            self.model(input_ids=input_ids[:, start:end], past_key_values=cache)
+            self.model(input_ids=input_ids[:, start:end], cache=cache)
         cache.schedule_eviction(None)
         cache.protect_next_tokens(local_total)
         for start in range(evictable, length, chunk):
-            self.model(input_ids=input_ids[:, start : min(start + chunk, length)], past_key_values=cache)
+            self.model(input_ids=input_ids[:, start : min(start + chunk, length)], cache=cache)
         return cache
 
     # ---- generation ---------------------------------------------------------------------------------------------
@@ -282,13 +288,14 @@ class LlamaLocretForCausalLM(LlamaForCausalLM):
         ``locret_stabilizers``, ``locret_n_local``, ``locret_position_mode``, ``locret_decode_eviction``,
         ``locret_quant_bits``, ``locret_quant_group_size``) for this call (``locret_quant_bits=None`` turns a
         configured quantization off), and ``locret_enabled=False`` for plain full-cache generation. Given
-        ``past_key_values`` or ``inputs_embeds``, generation is the plain one."""
+        a cache (``cache`` or ``past_key_values``) or ``inputs_embeds``, generation is the plain one."""
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("locret_")}
         enabled = overrides.pop("locret_enabled", None)
         enabled = self.config.locret_enabled if enabled is None else enabled
         settings = self.locret_settings(**overrides)  # validated even when unused: a typo should not pass silently
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-        if not enabled or input_ids is None or kwargs.get("past_key_values") is not None:
+        given_cache = any(kwargs.get(name) is not None for name in ("cache", "past_key_values"))
+        if not enabled or input_ids is None or given_cache:
             return super().generate(inputs, generation_config, **kwargs)
         beams = kwargs.get("num_beams") or getattr(generation_config or self.generation_config, "num_beams", 1)
         if (beams or 1) > 1 or (kwargs.get("num_return_sequences") or 1) > 1:
@@ -299,7 +306,7 @@ class LlamaLocretForCausalLM(LlamaForCausalLM):
         if mask is not None and not bool(mask.all()):
             raise ValueError("Locret generation does not support padded batches: pass unpadded prompts.")
         cache = self._budgeted_prefill(input_ids[:, :-1], settings, trailing_local=1)
-        return super().generate(inputs, generation_config, past_key_values=cache, **kwargs)
+        return super().generate(inputs, generation_config, **cache_kwarg(cache), **kwargs)
 
 
 __all__ = [

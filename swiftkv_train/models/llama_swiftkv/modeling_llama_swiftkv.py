@@ -1,7 +1,7 @@
 """SwiftKV Llama (SingleInputKV + AcrossKV) as subclasses of the transformers Llama classes.
 
-Self-contained: imports only torch, transformers and the sibling configuration file, so the same file serves
-the package and ``trust_remote_code`` exports.
+Self-contained: imports only torch, transformers and the sibling files (configuration, ``transformers_compat``,
+the fused kernels when present), so the same file serves the package and ``trust_remote_code`` exports.
 
 - Teacher mode (``config.swiftkv = False``): exactly the original Llama, one cache entry per layer.
 - Student mode (``config.swiftkv = True``): layers ``>= M`` take K/V from ``norm_swiftkv(h_M)``; each AcrossKV
@@ -32,6 +32,11 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .configuration_llama_swiftkv import LlamaSwiftKVConfig
+
+try:  # beside this file in an export, one level up in the package
+    from .transformers_compat import accepts_legacy_cache_name, cache_kwarg, output_cache
+except ImportError:
+    from swiftkv_train.models.transformers_compat import accepts_legacy_cache_name, cache_kwarg, output_cache
 
 try:  # Fused prefill kernels: beside this file in an export, from the swiftkv_kernels package otherwise.
     from .swiftkv_prefill_kv import concat_swiftkv_kv_weights, fused_swiftkv_kv, kernel_available, rms_norm, silu_mul
@@ -120,12 +125,13 @@ class LlamaSwiftKVAttention(LlamaAttention):
         cos, sin = position_embeddings
         return apply_rope(key, cos, sin), value
 
+    @accepts_legacy_cache_name
     def forward(
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         shared_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -135,7 +141,7 @@ class LlamaSwiftKVAttention(LlamaAttention):
                     "This is a lean SwiftKV checkpoint: the original projections of the later layers were dropped, "
                     "so swiftkv(False) (teacher mode) is unavailable. Export with lean=False to keep them."
                 )
-            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+            return super().forward(hidden_states, position_embeddings, attention_mask, **cache_kwarg(cache), **kwargs)
 
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         query = self.q_proj_swiftkv(hidden_states).view(shape).transpose(1, 2)
@@ -199,7 +205,7 @@ class LlamaSwiftKVModel(LlamaModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def swiftkv_key_values(self, h_m, position_embeddings, past_key_values=None):
+    def swiftkv_key_values(self, h_m, position_embeddings, cache=None):
         """K/V of every AcrossKV group from ``h_M``; with a cache, written once per group and returned whole.
 
         Returns a dict: leader layer index -> (key, value) over all cached + new positions.
@@ -214,8 +220,8 @@ class LlamaSwiftKVModel(LlamaModel):
             ]
         shared = {}
         for leader, (key, value) in zip(leaders, new_kv):
-            if past_key_values is not None:
-                key, value = past_key_values.update(key, value, config.swiftkv_cache_slot(leader))
+            if cache is not None:
+                key, value = cache.update(key, value, config.swiftkv_cache_slot(leader))
             shared[leader] = (key, value)
         return shared
 
@@ -244,7 +250,7 @@ class LlamaSwiftKVModel(LlamaModel):
         position_embeddings,
         attention_mask,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         shared_key_values=None,
         **kwargs,
     ) -> torch.Tensor:
@@ -258,18 +264,19 @@ class LlamaSwiftKVModel(LlamaModel):
                 attention_mask=attention_mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                **cache_kwarg(cache),
                 **extra,
                 **kwargs,
             )
         return hidden_states
 
+    @accepts_legacy_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         last_token_only: bool = False,
@@ -284,10 +291,10 @@ class LlamaSwiftKVModel(LlamaModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
+        if use_cache and cache is None:
+            cache = DynamicCache()
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)
 
@@ -295,14 +302,14 @@ class LlamaSwiftKVModel(LlamaModel):
             config=config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **cache_kwarg(cache),
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         all_hidden = [hidden_states] if output_hidden_states else None
         m, num_layers = config.num_key_value_layers, config.num_hidden_layers
-        common = dict(position_ids=position_ids, past_key_values=past_key_values, **kwargs)
+        common = dict(position_ids=position_ids, cache=cache, **kwargs)
 
         swiftkv = config.swiftkv and m < num_layers
         split = m if swiftkv else num_layers
@@ -314,8 +321,8 @@ class LlamaSwiftKVModel(LlamaModel):
                 all_hidden.append(hidden_states)
 
         if swiftkv:
-            shared = self.swiftkv_key_values(hidden_states, position_embeddings, past_key_values)
-            if last_token_only and past_key_values is not None and hidden_states.shape[1] > 1:
+            shared = self.swiftkv_key_values(hidden_states, position_embeddings, cache)
+            if last_token_only and cache is not None and hidden_states.shape[1] > 1:
                 # Prefill skip: K/V of every prompt token are cached; only the last token goes further.
                 hidden_states = hidden_states[:, -1:]
                 position_embeddings = tuple(t[:, -1:] for t in position_embeddings)
@@ -339,8 +346,8 @@ class LlamaSwiftKVModel(LlamaModel):
             all_hidden[-1] = hidden_states  # transformers' convention: the last entry is after the final norm
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            **cache_kwarg(cache if use_cache else None),
         )
 
 
@@ -376,12 +383,13 @@ class LlamaSwiftKVForCausalLM(LlamaForCausalLM):
         }
         return drop, {"swiftkv": True, "swiftkv_lean": True}
 
+    @accepts_legacy_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -396,7 +404,7 @@ class LlamaSwiftKVForCausalLM(LlamaForCausalLM):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             last_token_only=last_only and not output_hidden_states,
@@ -415,8 +423,8 @@ class LlamaSwiftKVForCausalLM(LlamaForCausalLM):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            **cache_kwarg(output_cache(outputs)),
         )
 
 
