@@ -1,24 +1,31 @@
 """Export a transformed model as a self-contained Hugging Face directory (``trust_remote_code``).
 
 The directory holds config (with ``auto_map``), the model's own ``configuration_*.py``/``modeling_*.py`` (and
-their sibling files), sharded safetensors with an index, the tokenizer with its chat template, and the
-generation config. It is written to a temporary sibling and renamed into place, so a crash never leaves a
-half-written export under the final name. Under ZeRO-3, parameters are gathered one at a time.
+their sibling files), the weights in safetensors (one ``model.safetensors`` when they fit in ``max_shard_bytes``,
+else ``model-0000i-of-0000n.safetensors`` shards and ``model.safetensors.index.json``, the layout
+``save_pretrained`` writes), the tokenizer with its chat template, and the generation config. It is written to a
+temporary sibling and renamed into place, so a crash never leaves a half-written export under the final name.
+Under ZeRO-3, parameters are gathered one at a time.
 """
 
 import copy
 import importlib.util
 import inspect
 import json
+import logging
 import os
 import re
 import shutil
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
@@ -55,11 +62,23 @@ def iter_state_tensors(model: torch.nn.Module, skip: set[str] = frozenset()) -> 
             yield name, buf.detach().to("cpu", copy=True)
 
 
+def _new_file_mode() -> int:
+    """The mode an ordinary new file gets under the current umask (os has no umask getter: set it back at once)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 class ShardWriter:
-    """Writes tensors into size-bounded safetensors shards as they arrive, then names them and the index."""
+    """Writes tensors into size-bounded safetensors shards as they arrive, then names them and the index.
+
+    One shard is named ``model.safetensors`` (no index), several ``model-0000i-of-0000n.safetensors`` with
+    ``model.safetensors.index.json``: the layout ``save_pretrained`` writes and ``from_pretrained`` expects.
+    """
 
     def __init__(self, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
         self.out_dir, self.max_bytes = out_dir, max_shard_bytes
+        self.mode = _new_file_mode()
         self.current: dict[str, torch.Tensor] = {}
         self.current_bytes = 0
         self.shards: list[tuple[Path, list[str]]] = []
@@ -76,6 +95,9 @@ class ShardWriter:
     def _flush(self) -> None:
         path = self.out_dir / f"shard-{len(self.shards)}.tmp"
         save_file(self.current, str(path), metadata={"format": "pt"})
+        # safetensors writes through a private (0600) temporary file and that mode survives the renames: without
+        # this, nobody but the writer could read the weights of a shared export.
+        os.chmod(path, self.mode)
         self.shards.append((path, list(self.current)))
         self.current, self.current_bytes = {}, 0
 
@@ -92,6 +114,37 @@ class ShardWriter:
             weight_map.update({name: final for name in names})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+class _SourceCheckpoint:
+    """Tensors of a Hugging Face directory's safetensors (one file or an index), read lazily by name."""
+
+    def __init__(self, directory: str | os.PathLike):
+        directory = Path(directory)
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: directory / file for name, file in weight_map.items()}
+        else:
+            self.files = {}
+            for path in sorted(directory.glob("*.safetensors")):
+                with safe_open(str(path), "pt") as f:
+                    self.files.update(dict.fromkeys(f.keys(), path))
+        if not self.files:
+            raise FileNotFoundError(f"frozen_source {str(directory)!r} holds no safetensors weights")
+        self._stack = ExitStack()
+        self._open: dict[Path, object] = {}
+
+    def get(self, name: str) -> torch.Tensor | None:
+        path = self.files.get(name)
+        if path is None:
+            return None
+        if path not in self._open:
+            self._open[path] = self._stack.enter_context(safe_open(str(path), "pt"))
+        return self._open[path].get_tensor(name)
+
+    def close(self) -> None:
+        self._stack.close()
 
 
 # `kernels/` of a source checkout, for when `swiftkv_kernels` is not installed (PYTHONPATH=$PWD runs).
@@ -136,7 +189,7 @@ def _copy_model_code(model: torch.nn.Module, out_dir: Path) -> dict[str, str]:
 
     for src in sorted(model_file.parent.glob("*.py")):
         if src.name != "__init__.py":
-            shutil.copy2(src, out_dir / src.name)
+            shutil.copyfile(src, out_dir / src.name)  # a new file: mode from the umask, not the source
     pending = sorted(out_dir.glob("*.py"))
     while pending:
         src = pending.pop(0)
@@ -144,7 +197,7 @@ def _copy_model_code(model: torch.nn.Module, out_dir: Path) -> dict[str, str]:
         for name in re.findall(r"^\s*from\s+\.(\S+)\s+import", src.read_text(encoding="utf-8"), flags=re.MULTILINE):
             if (out_dir / f"{name}.py").exists():
                 continue
-            shutil.copy2(find(name, src), out_dir / f"{name}.py")
+            shutil.copyfile(find(name, src), out_dir / f"{name}.py")
             pending.append(out_dir / f"{name}.py")
     return {
         "AutoConfig": f"{config_file.stem}.{type(model.config).__name__}",
@@ -171,12 +224,19 @@ def save_hf(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     model_card: str | None = None,
     is_writer: bool = True,
+    frozen_source: str | os.PathLike | None = None,
 ) -> Path:
     """Write ``model`` (+ tokenizer) as a directory loadable with ``from_pretrained(..., trust_remote_code=True)``.
 
     ``lean=True`` drops the weights only the teacher uses (the model says which, via ``lean_export_spec``) and
     stores bf16; ``lean=False`` keeps every weight in the model's dtype (resumable, teacher still available).
     Under ZeRO-3 call it on every rank with ``is_writer = (rank == 0)``.
+
+    ``frozen_source`` is the Hugging Face directory the model was loaded from. Each frozen (non-trainable) tensor
+    the model still holds unchanged, i.e. equal to the source's tensor rounded to the model's dtype, is written
+    byte-for-byte from the source: a model trained in bf16 holds rounded copies of the original weights, and a
+    full export must keep the original (teacher) model exact. ``config.dtype`` of a full export is then the
+    widest stored dtype, so ``dtype="auto"`` loads every weight exactly.
     """
     out_dir = Path(out_dir)
     drop: set[str] = set()
@@ -194,16 +254,33 @@ def save_hf(
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
         tmp.mkdir()
+    trainable = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    source, restored, stored_dtypes = None, 0, set()
     try:
+        if is_writer and frozen_source is not None:
+            source = _SourceCheckpoint(frozen_source)
         writer = ShardWriter(tmp, max_shard_bytes) if is_writer else None
         for name, tensor in iter_state_tensors(model, skip=drop):
-            if writer is not None:
-                if dtype is not None and tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                writer.add(name, tensor)
+            if writer is None:
+                continue
+            if source is not None and name not in trainable:
+                original = source.get(name)
+                # a frozen tensor the transformation rewrote (or a name the source lacks) is the model's to write
+                if (original is not None and original.shape == tensor.shape
+                        and torch.equal(original.to(tensor.dtype), tensor)):
+                    tensor, restored = original, restored + 1
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            if tensor.is_floating_point():
+                stored_dtypes.add(tensor.dtype)
+            writer.add(name, tensor)
         if not is_writer:
             return out_dir
         writer.close()
+        if source is not None:
+            log.info("%s: %d frozen tensors written as stored in %s", out_dir, restored, frozen_source)
+        if dtype is None and stored_dtypes:
+            dtype = max(stored_dtypes, key=lambda d: torch.finfo(d).bits)
         if not type(model).__module__.startswith("transformers."):  # our own classes travel with the weights
             config.auto_map = _copy_model_code(model, tmp)
         config.architectures = [type(model).__name__]
@@ -222,4 +299,7 @@ def save_hf(
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if source is not None:
+            source.close()
     return out_dir

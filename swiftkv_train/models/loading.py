@@ -100,6 +100,32 @@ def _has_tokenizer(path: Path) -> bool:
     return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
+def source_checkpoint_dir(spec: str) -> Path | None:
+    """The local Hugging Face directory whose safetensors ``load_pretrained(spec)`` reads, or None where there is
+    none (``random:`` presets, a Hub model absent from the local cache, a directory without safetensors).
+
+    Full exports copy the frozen weights from it as stored: a model loaded in bf16 only holds rounded copies.
+    """
+    if spec.startswith("random:"):
+        return None
+    if spec in NAMED_GGUF:
+        path = _gguf_cache_dir(named_gguf_path(spec))
+    elif spec.endswith(".gguf") and Path(spec).expanduser().is_file():
+        path = _gguf_cache_dir(Path(spec).expanduser())
+    elif Path(spec).expanduser().is_dir():
+        path = Path(spec).expanduser()
+    elif _HUB_ID.match(spec):
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(spec, local_files_only=True))
+        except (OSError, ValueError):  # not in the local cache: nothing to copy from without a download
+            return None
+    else:
+        return None
+    return path if any(path.glob("*.safetensors")) else None
+
+
 def _load_hub(repo_id: str, dtype):
     from huggingface_hub.errors import HFValidationError
 

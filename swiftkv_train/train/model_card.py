@@ -18,6 +18,13 @@ def _table(evals: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def chosen_transform(transform: dict) -> dict:
+    """``cfg.transform`` as a card lists it: the name and only the chosen method's section (the other sections
+    are defaults of methods this model was not trained with)."""
+    name = transform["name"]
+    return {"name": name, name: transform[name]}
+
+
 def render_model_card(base_model: str, recipe: str, transform: str, hyperparameters: dict, evals: dict,
                       lean: bool) -> str:
     hyperparameters = redact_secrets(hyperparameters)
@@ -37,7 +44,8 @@ def render_model_card(base_model: str, recipe: str, transform: str, hyperparamet
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("<this directory or repo>", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("<this directory or repo>")
+# a plain tokenizer: without trust_remote_code=False, transformers would ask to run the model's config code
+tokenizer = AutoTokenizer.from_pretrained("<this directory or repo>", trust_remote_code=False)
 ```
 
 ## Fidelity to the original model (held-out split)

@@ -308,17 +308,23 @@ class Trainer:
 
     # ---- export ----------------------------------------------------------------------------------------------
     def export(self) -> list[Path]:
+        from ..models.loading import source_checkpoint_dir
+        from .model_card import chosen_transform
+
         which = self.cfg.trainer.export
         kinds = {"lean": [True], "full": [False], "both": [True, False], "none": []}[which]
         model = self.transformation.prepare_export(self.engine.module)
         hyper = OmegaConf.to_container(self.cfg.trainer, resolve=True)
-        hyper["transform"] = OmegaConf.to_container(self.cfg.transform, resolve=True)
+        hyper["transform"] = chosen_transform(OmegaConf.to_container(self.cfg.transform, resolve=True))
+        # the frozen (teacher) weights as stored, not the copies rounded to the training dtype
+        source = source_checkpoint_dir(self.cfg.model.spec) if False in kinds and self.rank == 0 else None
         written = []
         for lean in kinds:
             card = render_model_card(self.base_model_name, self.cfg.recipe, self.cfg.transform.name, hyper,
                                      self.evals, lean)
             out = self.run_dir / "export" / ("lean" if lean else "full")
-            save_hf(model, self.tokenizer, out, lean=lean, model_card=card, is_writer=self.rank == 0)
+            save_hf(model, self.tokenizer, out, lean=lean, model_card=card, is_writer=self.rank == 0,
+                    frozen_source=None if lean else source)
             written.append(out)
             barrier()
         return written
