@@ -9,7 +9,8 @@ import sys
 
 import hydra
 
-from .config import register_schemas
+from .config import check_known_keys, check_override_keys, register_schemas
+from .errors import SwiftKVInputError
 from .launch import strip_launcher_args
 
 register_schemas()
@@ -31,14 +32,28 @@ def main(cfg) -> None:
     from .launch import is_rank0
     from .train.trainer import run_training
 
-    summary = run_training(cfg)
+    try:
+        check_known_keys(cfg)  # `+key=value` gets past Hydra's struct mode
+        summary = run_training(cfg)
+    except SwiftKVInputError as err:
+        exit_with(err)
     if is_rank0():
         print_report(summary)
+
+
+def exit_with(err: SwiftKVInputError) -> None:
+    """Bad input: its message names the setting and the fix, a traceback would only bury it."""
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
 
 
 def cli() -> None:
     # Launchers may inject --local_rank=N, which Hydra would take for a (broken) override.
     sys.argv = [sys.argv[0], *strip_launcher_args(sys.argv[1:])]
+    try:
+        check_override_keys(sys.argv[1:])  # before Hydra, whose message for a typo suggests adding it with `+`
+    except SwiftKVInputError as err:
+        exit_with(err)
     main()
 
 

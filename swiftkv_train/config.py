@@ -1,16 +1,22 @@
 """The run configuration: dataclass schemas registered in Hydra's ConfigStore.
 
 Every recipe and override is merged into these schemas in struct mode, so a typo or a wrong type fails at start
-with the key name, before any model is loaded. Nothing here has side effects beyond registering the schemas.
+with the key name, before any model is loaded; keys that `+key=value` slipped past struct mode are caught by
+``check_override_keys`` / ``check_known_keys``. Nothing here has side effects beyond registering the schemas.
 """
 
+import dataclasses
+import difflib
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from .data.config import DataConfig
+from .errors import SwiftKVInputError
 from .transformations.cskv import CSKVConfig
 from .transformations.locret import LocretConfig
 
@@ -161,3 +167,84 @@ def register_schemas() -> None:
     another Hydra app's ``model=<value>`` override into a group selection.
     """
     ConfigStore.instance().store(name="base_config", node=RunConfig)
+
+
+# ---- unknown keys ----------------------------------------------------------------------------------------------
+# Struct mode stops `trainer.lrr=1e-3`, but Hydra lets `+trainer.lrr=1e-3` add the key (and its own error for the
+# first form suggests exactly that): both are checked here against the schema, with a "did you mean" hint.
+
+
+def _schema_of(annotation) -> type | None:
+    """The dataclass a node of this type is checked against (also through `X | None`); None = free-form."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    candidates = typing.get_args(annotation) if union else [annotation]
+    return next((c for c in candidates if dataclasses.is_dataclass(c) and isinstance(c, type)), None)
+
+
+def _unknown_key_message(path: str, key: str, schema: type) -> str:
+    names = list(typing.get_type_hints(schema))
+    prefix = path[: -len(key)]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key {path} (did you mean {prefix}{close[0]}?)"
+    return f"unknown key {path}: {prefix.rstrip('.') or 'the run config'} has {', '.join(names)}"
+
+
+def _raise_unknown(problems: list[str]) -> None:
+    if problems:
+        raise SwiftKVInputError(
+            "; ".join(problems) + ". A `+` override cannot add settings either: fix the name "
+            "(`python -m swiftkv_train --cfg job` prints every key)."
+        )
+
+
+def _unknown_in(value, schema: type, prefix: str) -> list[str]:
+    hints = typing.get_type_hints(schema)
+    problems = []
+    for key, item in value.items():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            problems.append(_unknown_key_message(path, str(key), schema))
+            continue
+        annotation = hints[key]
+        sub = _schema_of(annotation)
+        if sub is not None and isinstance(item, dict):
+            problems += _unknown_in(item, sub, f"{path}.")
+        elif typing.get_origin(annotation) is list and isinstance(item, list):
+            element = _schema_of(typing.get_args(annotation)[0]) if typing.get_args(annotation) else None
+            for i, entry in enumerate(item):
+                if element is not None and isinstance(entry, dict):
+                    problems += _unknown_in(entry, element, f"{path}[{i}].")
+    return problems
+
+
+def check_known_keys(cfg, schema: type | None = None) -> None:
+    """Raise SwiftKVInputError naming every key of the composed ``cfg`` that ``schema`` (RunConfig) lacks."""
+    tree = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
+    _raise_unknown(_unknown_in(tree, schema or RunConfig, ""))
+
+
+def check_override_keys(overrides: list[str]) -> None:
+    """The same check on command-line overrides (``[+|++|~]a.b=value``), before Hydra composes anything.
+
+    Group choices (``model=tiny``), ``hydra.*`` / ``hydra/...`` and ``--flags`` are Hydra's; keys inside free-form
+    nodes (``deepspeed.extra``, ``trainer.harness``) and list items are not checked.
+    """
+    problems = []
+    for arg in overrides:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if not key or key.split(".")[0] == "hydra" or "/" in key or "@" in key:
+            continue
+        schema, path = RunConfig, ""
+        for part in key.split("."):
+            path = f"{path}{part}"
+            if part not in typing.get_type_hints(schema):
+                problems.append(_unknown_key_message(path, part, schema))
+                break
+            schema = _schema_of(typing.get_type_hints(schema)[part])
+            if schema is None:
+                break
+            path += "."
+    _raise_unknown(problems)

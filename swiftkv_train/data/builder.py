@@ -97,7 +97,8 @@ def build_splits(cfg: DataConfig, tokenizer, workdir: Path | None, scratch_dir: 
     end_of_turn = cfg.end_of_turn_token or tokenizer.eos_token
     per_source, source_stats = [], []
     for index, source in enumerate(cfg.sources):
-        records = load_records(source, cfg.seed, scratch_dir)
+        records = load_records(source, cfg.seed, scratch_dir, where=f"data.sources[{index}]",
+                               skip_bad_records=cfg.skip_bad_records)
         mapper = resolve_mapper(source, records.column_names)
         samples, stats = _tokenize_source(records, index, source, mapper, tokenizer, cfg, end_of_turn,
                                           _map_args(workdir, f"source{index}", fingerprint))

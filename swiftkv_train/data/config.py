@@ -59,6 +59,9 @@ class DataConfig:
     use_cache: bool = True
     # Worker processes for tokenization (datasets.map num_proc).
     num_proc: int = 1
+    # A JSON Lines line that is not a JSON object stops the run with its file and line number; True skips such
+    # lines instead (counted in a warning).
+    skip_bad_records: bool = False
 
 
 def coerce_data_config(cfg: Any) -> DataConfig:

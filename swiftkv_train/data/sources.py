@@ -1,7 +1,9 @@
 """Load the raw records of one source: local json/jsonl/parquet/txt files, a shipped dataset, or a Hub dataset."""
 
 import glob
+import json
 import logging
+import tempfile
 from pathlib import Path
 
 import datasets
@@ -65,14 +67,18 @@ def file_identity(files: list[Path]) -> list[tuple]:
     return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
-def load_records(source: SourceConfig, seed: int, scratch_dir: str | None = None) -> datasets.Dataset:
+def load_records(source: SourceConfig, seed: int, scratch_dir: str | None = None, where: str = "data source",
+                 skip_bad_records: bool = False) -> datasets.Dataset:
     """All raw records of a source (or a seeded random ``sample_count`` of them).
 
     Local files are converted to Arrow under ``scratch_dir`` (thrown away once tokenized; None: the HF
     datasets cache). Hub datasets always use the HF datasets cache, so downloads are shared and kept.
+    A malformed JSON Lines line is an error naming ``where`` (e.g. "data.sources[0]"), file and line, or with
+    ``skip_bad_records`` is left out.
     """
     files = local_files(source.path)
     if files is not None:
+        files = [_checked_json_lines(f, where, skip_bad_records, scratch_dir) for f in files]
         records = _load_local(source.path, files, scratch_dir)
     else:
         records = _load_hub(source)
@@ -105,6 +111,68 @@ def _load_local(path: str, files: list[Path], scratch_dir: str | None) -> datase
             f"could not read data source {path!r} as {builder}: {err}. Check the file is valid "
             f"{ {'json': 'JSON Lines or a JSON array', 'parquet': 'parquet', 'text': 'UTF-8 text'}[builder] }."
         ) from err
+
+
+def _is_json_lines(file: Path) -> bool:
+    """.jsonl, or a .json file whose first non-blank line is a whole JSON object (not a pretty-printed document
+    or an array, which `datasets` reads as one JSON value)."""
+    if file.suffix == ".jsonl":
+        return True
+    if file.suffix != ".json":
+        return False
+    with open(file, "rb") as fh:
+        if not fh.read(1 << 16).lstrip().startswith(b"{"):  # an array (or nothing): not read line by line
+            return False
+        fh.seek(0)
+        first = next((line for line in fh if line.strip()), b"")
+    try:
+        return isinstance(json.loads(first), dict)
+    except ValueError:
+        return False
+
+
+def _line_problem(line: bytes) -> str | None:
+    try:
+        value = json.loads(line.rstrip(b"\r\n"))  # the newline would count as a line of its own in the error
+    except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
+        if isinstance(err, json.JSONDecodeError):
+            return f"{err.msg} at column {err.colno}"
+        return str(err)
+    return None if isinstance(value, dict) else f"a JSON {type(value).__name__}, not an object (one record per line)"
+
+
+def _checked_json_lines(file: Path, where: str, skip: bool, scratch_dir: str | None) -> Path:
+    """``file`` itself when every line of it is a JSON object (or it is not JSON Lines); else an error naming the
+    first bad line, or with ``skip`` a copy without the bad lines. `datasets` reports a bad line only by byte
+    offset, deep in a traceback, hence this pass of our own."""
+    if not _is_json_lines(file):
+        return file
+    bad, lines = {}, 0
+    with open(file, "rb") as fh:
+        for number, line in enumerate(fh, start=1):
+            if line.strip():
+                lines += 1
+                problem = _line_problem(line)
+                if problem is not None:
+                    bad[number] = problem
+    if not bad:
+        return file
+    number, problem = next(iter(bad.items()))
+    first, total = f"line {number} is not a valid JSON record: {problem}", f"{len(bad)} of {lines} lines are bad"
+    if not skip:
+        raise SwiftKVInputError(f"{where}: {file} {first} ({total}). Fix the line or set data.skip_bad_records=true.")
+    if len(bad) == lines:
+        raise SwiftKVInputError(f"{where}: {file} has no valid record ({total}; {first}).")
+    log.warning("%s: skipped %d malformed line(s) of %s (data.skip_bad_records=true); the first, %s",
+                where, len(bad), file, first)
+    folder = Path(scratch_dir or tempfile.mkdtemp(prefix="swiftkv-data-")) / "clean"
+    folder.mkdir(parents=True, exist_ok=True)
+    clean = folder / f"{len(list(folder.iterdir()))}-{file.stem}.jsonl"  # numbered: sources may share a name
+    with open(file, "rb") as src, open(clean, "wb") as out:
+        for number, line in enumerate(src, start=1):
+            if line.strip() and number not in bad:
+                out.write(line if line.endswith(b"\n") else line + b"\n")
+    return clean
 
 
 def _has_content(file: Path) -> bool:

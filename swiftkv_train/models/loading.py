@@ -143,6 +143,49 @@ def _load_hub(repo_id: str, dtype):
     return model, AutoTokenizer.from_pretrained(repo_id)
 
 
+def load_model_config(spec: str):
+    """The config of the model ``load_pretrained(spec)`` would load, without its weights (seconds, not minutes), so
+    that settings can be checked against the architecture first. Same specs, same messages for bad ones."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise SwiftKVInputError(f"model spec must be a non-empty string, got {spec!r}.")
+    if spec.startswith("random:"):
+        return tiny.random_config(spec.split(":", 1)[1])
+    if spec in NAMED_GGUF or spec.endswith(".gguf"):
+        path = named_gguf_path(spec) if spec in NAMED_GGUF else Path(spec).expanduser()
+        if not path.is_file():
+            raise SwiftKVInputError(f"GGUF file {spec!r} does not exist.")
+        cached = _gguf_cache_dir(path)
+        if (cached / "config.json").is_file():  # dequantized before: what load_pretrained will load
+            return load_model_config(str(cached))
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    elif Path(spec).expanduser().is_dir():
+        path = Path(spec).expanduser()
+        if not (path / "config.json").is_file():
+            raise SwiftKVInputError(f"model directory {str(path)!r} has no config.json: is it a Hugging Face model dir?")
+        from . import register  # noqa: F401  (registers llama_swiftkv with the Auto classes)
+
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=True)
+    elif _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        from huggingface_hub.errors import HFValidationError
+
+        try:
+            config = AutoConfig.from_pretrained(spec)
+        except (OSError, HFValidationError, ValueError) as err:
+            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+            hint = " (HF_HUB_OFFLINE is set)" if offline else ""
+            raise SwiftKVInputError(
+                f"could not fetch model {spec!r} from the Hugging Face Hub{hint}: {type(err).__name__}. "
+                "Check the id and your network/token, or pass a local model directory or a .gguf file instead."
+            ) from None
+    else:
+        raise SwiftKVInputError(
+            f"model {spec!r} is not a directory, a .gguf file, a Hub id (org/name), one of the named defaults "
+            f"({', '.join(NAMED_GGUF)}) or random:<preset>."
+        )
+    check_llama_family(config, spec)
+    return config
+
+
 def load_pretrained(
     spec: str, dtype: torch.dtype | None = None, attn_implementation: str = "sdpa", device=None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:

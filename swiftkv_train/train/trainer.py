@@ -22,6 +22,7 @@ from ..export import save_hf
 from ..launch import barrier, init_distributed
 from ..metrics import FidelityAccumulator, next_token_targets
 from ..models import load_pretrained
+from ..models.loading import load_model_config
 from ..transformations import build_transformation
 from ..transformations.swiftkv import gathered
 from . import checkpointing
@@ -100,6 +101,8 @@ class Trainer:
         barrier()
 
         self.transformation = build_transformation(cfg.transform, cfg)
+        # Settings that do not fit the architecture fail from the config alone, before the weights load (minutes).
+        self.transformation.check_model_config(load_model_config(cfg.model.spec))
         dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
         dtype = dtype or (torch.bfloat16 if self.bf16 else torch.float32)
         model, self.tokenizer = load_pretrained(cfg.model.spec, dtype=dtype, device=self.device,

@@ -14,22 +14,39 @@ from ..models.loading import check_llama_family
 _DROP_FIELDS = ("model_type", "architectures", "auto_map", "transformers_version", "sliding_window", "dtype")
 
 
+def check_layer_split(layers: int, m, g, training: bool = False, prefix: str = "") -> None:
+    """The one rule for M (num_key_value_layers) and g (key_value_group_size) on a model with ``layers`` layers.
+
+    A model may have M = L (no later layer: SwiftKV changes nothing), but training needs M < L: the layers from M
+    on are the ones SwiftKV retrains. ``prefix`` names where the values come from (e.g. "transform.swiftkv.").
+    """
+    top = layers - 1 if training else layers
+    if training and top < 1:
+        raise SwiftKVInputError(f"SwiftKV training needs a model with at least 2 layers; this one has {layers}.")
+    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= top:
+        if m == layers:
+            why = (f"must be < num_hidden_layers={layers} for training (the layers from M on are the ones SwiftKV "
+                   f"retrains; M={m} leaves none)")
+        else:
+            why = f"is impossible for a model with {layers} layers"
+        raise SwiftKVInputError(
+            f"{prefix}num_key_value_layers={m!r} {why}: use an integer from 1 to {top} "
+            f"(e.g. {max(layers // 2, 1)} for 50% of the prefill skipped)."
+        )
+    later = layers - m
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1 or (later > 0 and g > later):
+        raise SwiftKVInputError(
+            f"{prefix}key_value_group_size={g!r} is impossible with num_key_value_layers={m} on {layers} layers: "
+            f"use an integer from 1 to {max(later, 1)} (the number of later layers)."
+        )
+
+
 def swiftkv_config(source_config, num_key_value_layers: int, key_value_group_size: int = 1) -> LlamaSwiftKVConfig:
     """A LlamaSwiftKVConfig with the source's architecture, validated with messages that name the fields."""
     check_llama_family(source_config, getattr(source_config, "name_or_path", "") or "model")
     layers = source_config.num_hidden_layers
     m, g = num_key_value_layers, key_value_group_size
-    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= layers:
-        raise SwiftKVInputError(
-            f"num_key_value_layers={m!r} is impossible for a model with {layers} layers: use an integer from 1 "
-            f"to {layers} (e.g. {layers // 2} for 50% of the prefill skipped)."
-        )
-    later = layers - m
-    if isinstance(g, bool) or not isinstance(g, int) or g < 1 or (later > 0 and g > later):
-        raise SwiftKVInputError(
-            f"key_value_group_size={g!r} is impossible with num_key_value_layers={m} on {layers} layers: use an "
-            f"integer from 1 to {max(later, 1)} (the number of later layers)."
-        )
+    check_layer_split(layers, m, g)
     if getattr(source_config, "model_type", None) == "llama_swiftkv":
         fields = source_config.to_dict()
     else:

@@ -25,6 +25,10 @@ class Transformation(ABC):
         self.train_cfg = train_cfg
 
     # ---- conversion -----------------------------------------------------------------------------------------
+    def check_model_config(self, config) -> None:
+        """Refuse, from the model's config alone, what ``build_student`` would refuse: the trainer calls this
+        before the weights load (seconds instead of a load that can take minutes). Raise SwiftKVInputError."""
+
     @abstractmethod
     def build_student(self, model: nn.Module) -> nn.Module:
         """Return the model to train (may share ``model``'s frozen tensors). Only trainable parameters may have

@@ -331,6 +331,9 @@ class CSKVTransformation(Transformation):
             raise TypeError(f"expected the CSKV student (LlamaCSKVForCausalLM), got {type(model).__name__}.")
         return model
 
+    def check_model_config(self, config) -> None:
+        cskv_model_config(config, self.cfg)  # the checks to_cskv runs first, on the config alone
+
     def build_student(self, model: nn.Module) -> LlamaCSKVForCausalLM:
         return to_cskv(model, self.cfg)
 

@@ -361,6 +361,9 @@ class LocretTransformation(Transformation):
         super().__init__(cfg, train_cfg)
         self.config = LocretConfig.from_node(cfg)
 
+    def check_model_config(self, config) -> None:
+        locret_model_config(config, self.config)  # the checks to_locret runs first, on the config alone
+
     def build_student(self, model: nn.Module) -> nn.Module:
         return to_locret(model, self.config)
 

@@ -15,8 +15,10 @@ from transformers.masking_utils import create_causal_mask
 
 from ..errors import SwiftKVInputError
 from ..losses import chunked_kl_loss, hidden_mse_loss, kl_mask_from_labels
+from ..models.loading import check_llama_family
 from ..models.transformers_compat import cache_kwarg
-from ..transform import to_swiftkv
+from ..transform import swiftkv_config, to_swiftkv
+from ..transform.swiftkv import check_layer_split
 from ..transform.swiftkv_calibration import least_squares_kv_init
 from .base import Transformation
 
@@ -46,12 +48,20 @@ def gathered(*params):
 class SwiftKVTransformation(Transformation):
     name = "swiftkv"
 
+    def num_key_value_layers(self, config) -> int:
+        """M for this model: the setting, or half of the layers when it is None."""
+        m = self.cfg.num_key_value_layers
+        return config.num_hidden_layers // 2 if m is None else m
+
+    def check_model_config(self, config) -> None:
+        m, g = self.num_key_value_layers(config), self.cfg.key_value_group_size
+        check_llama_family(config, getattr(config, "name_or_path", "") or "model")
+        check_layer_split(config.num_hidden_layers, m, g, training=True, prefix="transform.swiftkv.")
+        self._check_loss_settings(swiftkv_config(config, m, g))
+
     def build_student(self, model):
-        layers = model.config.num_hidden_layers
-        m = self.cfg.num_key_value_layers if self.cfg.num_key_value_layers is not None else layers // 2
-        student = to_swiftkv(model, m, self.cfg.key_value_group_size)
-        self._check_loss_settings(student.config)
-        return student
+        self.check_model_config(model.config)
+        return to_swiftkv(model, self.num_key_value_layers(model.config), self.cfg.key_value_group_size)
 
     def _check_loss_settings(self, config):
         if self.cfg.kl_reduction not in ("mean", "batchmean_all"):
@@ -86,10 +96,11 @@ class SwiftKVTransformation(Transformation):
         layers, m = config.num_hidden_layers, config.num_key_value_layers
         idx = self.cfg.hidden_loss_layer % (layers + 1)
         if idx <= m:
+            valid = f"{layers} (or -1)" if m + 1 == layers else f"{m + 1} to {layers} (or {m - layers} to -1)"
             raise SwiftKVInputError(
                 f"transform.swiftkv.hidden_loss_layer={self.cfg.hidden_loss_layer} selects hidden state {idx}, "
-                f"which the student computes exactly like the teacher (it is not after layer M={m}); use an index "
-                f"from {m + 1} to {layers} or negative (-2 = input of the last layer), or hidden_loss_weight=0."
+                f"which the student computes exactly like the teacher (only states after layer M={m} differ): use "
+                f"hidden_loss_layer={valid}, num_key_value_layers < {idx}, or hidden_loss_weight=0."
             )
         return idx
 
