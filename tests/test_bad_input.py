@@ -7,10 +7,12 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from transformers import LlamaConfig
 
+import swiftkv_train.recipes
 from swiftkv_train.config import RunConfig, SwiftKVConfig, check_known_keys, check_override_keys, register_schemas
 from swiftkv_train.data import DataConfig, SourceConfig, build_datasets
 from swiftkv_train.errors import SwiftKVInputError
@@ -81,6 +83,10 @@ def test_a_plus_key_in_the_composed_config_is_refused():
         assert HINT in str(err.value)
         assert "unknown key data.sources[0].formt (did you mean data.sources[0].format?)" in str(err.value)
         check_known_keys(compose("config", overrides=["recipe=tiny_cpu_test", "+trainer.harness.x=1"]))
+        recipes = sorted(p.stem for p in (Path(swiftkv_train.recipes.__file__).parent / "recipe").glob("*.yaml"))
+        assert len(recipes) >= 10
+        for recipe in recipes:  # no false alarm on any shipped recipe
+            check_known_keys(compose("config", overrides=[f"recipe={recipe}"]))
     check_known_keys(OmegaConf.structured(RunConfig))
 
 
