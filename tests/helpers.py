@@ -20,7 +20,7 @@ LOADER = textwrap.dedent(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     export_dir, out_path, dtype, teacher = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3]), sys.argv[4] == "1"
     model = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True, dtype=dtype).eval()
-    tok = AutoTokenizer.from_pretrained(export_dir)
+    tok = AutoTokenizer.from_pretrained(export_dir, trust_remote_code=False)  # the tokenizer runs no export code
     text = tok.apply_chat_template([{"role": "user", "content": "hello there"}], add_generation_prompt=True,
                                    tokenize=False)
     ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
