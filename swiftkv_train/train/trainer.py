@@ -54,6 +54,13 @@ def validate_run_config(cfg) -> None:
     for name in ("micro_batch_size", "gradient_accumulation_steps"):
         if getattr(t, name) < 1:
             raise SwiftKVInputError(f"trainer.{name}={getattr(t, name)} must be >= 1.")
+    # NaN passes every `<=` check below: reject non-finite floats first, by name.
+    floats = {name: getattr(t, name) for name in ("epochs", "lr", "weight_decay", "warmup_ratio", "grad_clip")}
+    floats.update({f"betas[{i}]": beta for i, beta in enumerate(t.betas)})
+    for name, value in floats.items():
+        if not math.isfinite(value):
+            raise SwiftKVInputError(f"trainer.{name}={value} is not a finite number: set trainer.{name} to a real "
+                                    "value (nan and inf are never valid settings).")
     if t.max_steps <= 0 and t.epochs <= 0:
         raise SwiftKVInputError("set trainer.max_steps > 0 or trainer.epochs > 0: the run has no steps.")
     if t.lr <= 0:
@@ -67,6 +74,11 @@ def validate_run_config(cfg) -> None:
     lr_lambda(t.lr_schedule, 1, t.warmup_ratio)  # validates schedule and warm-up
     if cfg.logger.wandb_mode not in ("disabled", "offline", "online"):
         raise SwiftKVInputError(f"logger.wandb_mode={cfg.logger.wandb_mode!r}: use disabled, offline or online.")
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    # in slices: one bool copy of a multi-GB flat optimizer partition at once would be a memory spike
+    return all(bool(torch.isfinite(part).all()) for part in t.detach().reshape(-1).split(1 << 26))
 
 
 def _peak_flops(device: torch.device) -> float | None:
@@ -152,17 +164,24 @@ class Trainer:
                  self.run_dir, self.world_size, self.device, f"{self.num_trainable:,}", self.total_steps)
 
     def _resume(self) -> None:
-        resume = self.cfg.trainer.resume
-        if resume == "none":
-            return
-        path = checkpointing.latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
+        path = checkpointing.checkpoint_to_resume(self.run_dir, self.cfg.trainer.resume, self.device)
         if path is None:
             return
-        if not (path / checkpointing.COMPLETE).is_file():
-            raise SwiftKVInputError(f"trainer.resume={resume!r}: {path} is not a complete checkpoint.")
         state = checkpointing.load_checkpoint(self.engine, path)
         self.step, self.micro_step, self.evals = state["step"], state["micro_step"], state.get("evals", {})
+        self._apply_configured_lr()
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _apply_configured_lr(self) -> None:
+        """The checkpoint restores the old base lr; a changed trainer.lr (e.g. lowered after a divergence) wins."""
+        scheduler, lr = self.engine.lr_scheduler, self.cfg.trainer.lr
+        if all(base == lr for base in scheduler.base_lrs):
+            return  # unchanged: keep the restored values bit for bit
+        log.warning("trainer.lr=%g replaces the checkpoint's base lr %g from step %d on", lr, scheduler.base_lrs[0],
+                    self.step)
+        scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+        for group, factor in zip(self.engine.optimizer.param_groups, scheduler.lr_lambdas):
+            group["initial_lr"], group["lr"] = lr, lr * factor(scheduler.last_epoch)
 
     # ---- evaluation ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -207,16 +226,60 @@ class Trainer:
     def _client_state(self) -> dict:
         return {"step": self.step, "micro_step": self.micro_step, "evals": self.evals}
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        bad = (~torch.isfinite(loss.detach())).float()
+    def _sum_over_ranks(self, count: float) -> float:
+        value = torch.tensor([count], dtype=torch.float32, device=self.device)
         if self.world_size > 1:
-            torch.distributed.all_reduce(bad)
-        if bad.item() > 0:
-            raise TrainingDivergedError(
-                f"loss is {loss.item()} at step {self.step + 1}: training stopped. The last good checkpoint "
-                f"({checkpointing.latest_checkpoint(self.run_dir) or 'none yet'}) is kept; lower trainer.lr or "
-                "check the data, then resume."
-            )
+            torch.distributed.all_reduce(value)
+        return value.item()
+
+    def _diverged(self, what: str) -> TrainingDivergedError:
+        """The error for a divergence: names the last good checkpoint and a way on that works from it."""
+        good = checkpointing.latest_checkpoint(self.run_dir)
+        lower = f"trainer.lr={self.cfg.trainer.lr / 10:g}"
+        if good is None:
+            return TrainingDivergedError(f"{what} No good checkpoint yet: lower trainer.lr (e.g. {lower}) or check "
+                                         "the data, and start again with trainer.resume=none.")
+        return TrainingDivergedError(f"{what} The last good checkpoint is {good}: lower trainer.lr (e.g. {lower}) "
+                                     "or check the data, then resume from it with trainer.resume=auto.")
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if self._sum_over_ranks(float(not torch.isfinite(loss.detach()).item())) == 0:
+            return
+        what = f"loss is {loss.item()} at step {self.step + 1}: training stopped."
+        saved = checkpointing.latest_checkpoint(self.run_dir)
+        if saved is not None and saved.name == f"step_{self.step:07d}":
+            # this loss came from exactly the weights of that checkpoint: resuming from it would diverge again
+            checkpointing.mark_diverged(saved, f"its weights gave a non-finite loss ({loss.item()}) at step "
+                                               f"{self.step + 1}")
+            barrier()
+            what += f" {saved.name} holds the weights that gave it: marked {checkpointing.DIVERGED}, not resumed from."
+        raise self._diverged(what)
+
+    def _non_finite_state(self) -> tuple[list[str], int]:
+        """This rank's trainable weights and optimizer-state tensors holding NaN/inf (names), and how many it has."""
+        params = [(name, p) for name, p in self.engine.module.named_parameters() if p.requires_grad]
+        seen = {id(p) for _, p in params}
+        tensors = [(name, getattr(p, "ds_tensor", p)) for name, p in params]  # ZeRO-3: this rank's shard
+        base = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # DeepSpeed wraps the torch one
+        for i, group in enumerate(base.param_groups):
+            tensors += [(f"optimizer master weights {i}.{j}", p) for j, p in enumerate(group["params"])
+                        if id(p) not in seen]
+        for i, state in enumerate(base.state.values()):
+            tensors += [(f"optimizer {key} #{i}", v) for key, v in state.items()
+                        if torch.is_tensor(v) and v.is_floating_point()]
+        return [name for name, t in tensors if not _all_finite(t)], len(tensors)
+
+    def _save_checkpoint(self) -> None:
+        """Save the current step, unless the weights or optimizer state went non-finite: never a bad checkpoint."""
+        bad, total = self._non_finite_state()
+        n_bad = int(self._sum_over_ranks(len(bad)))
+        if n_bad > 0:
+            shown = f" (e.g. {', '.join(bad[:3])})" if bad else ""
+            raise self._diverged(f"{n_bad} of {int(self._sum_over_ranks(total))} trainable-weight/optimizer-state "
+                                 f"tensors hold NaN/inf after step {self.step}{shown}: training stopped and "
+                                 f"step_{self.step:07d} was not saved.")
+        checkpointing.save_checkpoint(self.engine, self.run_dir, self.step, self._client_state(),
+                                      self.cfg.trainer.keep_checkpoints)
 
     def train(self) -> dict:
         cfg, t = self.cfg, self.cfg.trainer
@@ -264,15 +327,13 @@ class Trainer:
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
                     self._record_eval(f"step_{self.step}", logger)
                 if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
-                    checkpointing.save_checkpoint(self.engine, self.run_dir, self.step, self._client_state(),
-                                                  t.keep_checkpoints)
+                    self._save_checkpoint()
                 if t.stop_after_steps and steps_this_process >= t.stop_after_steps and self.step < self.total_steps:
                     log.warning("stopping after %d steps of this process (trainer.stop_after_steps)",
                                 steps_this_process)
                     return {"interrupted": True, "step": self.step}
             self._record_eval("end", logger)
-            checkpointing.save_checkpoint(self.engine, self.run_dir, self.step, self._client_state(),
-                                          t.keep_checkpoints)
+            self._save_checkpoint()
             self.export()
             summary = {"step": self.step, "evals": self.evals, "trainable_parameters": self.num_trainable}
             if t.harness_suites and self.rank == 0:
@@ -296,6 +357,7 @@ class Trainer:
         return str(out / "results.json")
 
     def _record_eval(self, when: str, logger: RunLogger) -> None:
+        log.info("eval (%s) on up to %d held-out batches...", when, self.cfg.trainer.eval_batches)  # minutes on CPU
         stats = self.evaluate()
         if stats is None:
             return
@@ -326,6 +388,7 @@ class Trainer:
             card = render_model_card(self.base_model_name, self.cfg.recipe, self.cfg.transform.name, hyper,
                                      self.evals, lean)
             out = self.run_dir / "export" / ("lean" if lean else "full")
+            log.info("exporting the %s model to %s", out.name, out)
             save_hf(model, self.tokenizer, out, lean=lean, model_card=card, is_writer=self.rank == 0,
                     frozen_source=None if lean else source)
             written.append(out)
