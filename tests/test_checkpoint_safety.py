@@ -22,7 +22,7 @@ from swiftkv_train.train import trainer as trainer_mod
 from swiftkv_train.train.schedule import lr_lambda
 from swiftkv_train.train.trainer import Trainer, TrainingDivergedError, run_training
 
-from test_trainer import losses, make_cfg
+from test_trainer import _run_cli, losses, make_cfg
 
 MODEL_FILE = "state/mp_rank_00_model_states.pt"
 
@@ -278,3 +278,22 @@ def test_kill_9_mid_run_then_resume_auto_is_bitwise_equal_to_an_uninterrupted_ru
     assert 3 <= resumed.step < 6  # continues from a checkpoint, not from scratch
     resumed.train()
     assert losses(tmp_path / "straight") == losses(killed)  # exact float equality, step by step
+
+
+@pytest.mark.slow
+def test_two_ranks_fall_back_from_a_corrupt_newest_checkpoint_together(tmp_path):
+    """Rank 0 verifies and picks the checkpoint, every rank resumes from it (with its own RNG file)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    args = ["recipe=tiny_cpu_test", "launcher=torchrun", "trainer.max_steps=4", "trainer.save_every=1",
+            "trainer.export=none"]
+    for run_dir, extra in ((tmp_path / "straight", []), (tmp_path / "resumed", ["trainer.stop_after_steps=2"])):
+        proc = _run_cli([*args, f"run_dir={run_dir}", *extra], launcher=launcher)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    resumed = tmp_path / "resumed"
+    assert {p.name for p in step_dir(resumed, 2).glob("rng_rank*.json")} == {"rng_rank0.json", "rng_rank1.json"}
+    (step_dir(resumed, 2) / MODEL_FILE).write_bytes(b"truncated")
+    proc = _run_cli([*args, f"run_dir={resumed}"], launcher=launcher)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert re.search(r"skipping checkpoint \S*step_0000002: state/mp_rank_00_model_states.pt has 9 bytes", proc.stderr)
+    assert re.search(r"resumed from \S*step_0000001 at step 1", proc.stderr)
+    assert losses(tmp_path / "straight") == losses(resumed)
