@@ -167,7 +167,7 @@ def watching_cache(model, seen):
     """While inside, ``seen["cache"]`` is the cache of the model's running forward."""
 
     def grab_cache(module, args, kwargs):
-        seen["cache"] = kwargs["cache"]  # the Locret prefill passes its cache by the model's own name
+        seen["cache"] = kwargs.get("cache", kwargs.get("past_key_values"))  # the name differs by transformers release
 
     handle = model.model.register_forward_pre_hook(grab_cache, with_kwargs=True)
     try:
