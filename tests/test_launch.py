@@ -235,18 +235,27 @@ def test_helpers_without_process_group(monkeypatch):
     assert not is_rank0()
 
 
-def test_init_distributed_single_process_is_idempotent(monkeypatch):
+def test_init_distributed_single_process_is_idempotent(monkeypatch, tmp_path):
     import torch
     import torch.distributed as dist
 
     for key in (*dist_env.TORCH_ENV_KEYS, "LOCAL_SIZE", "SLURM_PROCID", "SUBMITIT_EXECUTOR"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))  # where a JIT-compiled op would land
     if dist.is_initialized():
         pytest.skip("another test left a process group open")
     try:
         assert init_distributed() == (0, 1, 0)
         assert dist.get_backend() == "gloo" and is_rank0()
+        import deepspeed.comm
+        from deepspeed.accelerator import get_accelerator
+
+        # DeepSpeed's comm started without its shared-memory op: nothing was compiled (that took minutes).
+        assert isinstance(get_accelerator(), dist_env.training_cpu_accelerator_class())
+        assert get_accelerator().device_name() == "cpu" and get_accelerator().communication_backend_name() == "gloo"
+        assert deepspeed.comm.comm.cdb.shm_comm_op is None
+        assert not (tmp_path / "ext").exists()
         assert 1024 < int(os.environ["MASTER_PORT"]) < 65536 and os.environ["WORLD_SIZE"] == "1"
         assert init_distributed() == (0, 1, 0)  # second call: same group, no error
         t = torch.tensor([2.5])
@@ -349,11 +358,14 @@ def test_torchrun_two_processes(tmp_path):
     out.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(probe), str(out)]
-    proc = subprocess.run(cmd, env=_child_env(), capture_output=True, text=True, timeout=180)
+    ext = tmp_path / "ext"
+    proc = subprocess.run(cmd, env=_child_env(TORCH_EXTENSIONS_DIR=str(ext)), capture_output=True, text=True,
+                          timeout=180)
     context = proc.stdout + proc.stderr
     assert proc.returncode == 0, context
     records = _read_ranks(out, 2, context)
     assert all(r["env"]["LOCAL_WORLD_SIZE"] == "2" for r in records)
+    assert not ext.exists()  # no rank JIT-compiled DeepSpeed's shared-memory op
 
 
 @pytest.mark.slow

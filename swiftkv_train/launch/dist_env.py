@@ -307,12 +307,46 @@ def _set_single_process_defaults(environ: MutableMapping[str, str]) -> None:
         environ["MASTER_PORT"] = str(_free_port())
 
 
+_TRAINING_CPU_ACCELERATOR = None
+
+
+def training_cpu_accelerator_class():
+    """DeepSpeed's `CPU_Accelerator` minus its shared-memory comm op (class built on first use: importing
+    deepspeed takes seconds).
+
+    DeepSpeed's comm backend JIT-compiles `deepspeed_shm_comm` whenever it starts on CPU: 2.5-4.5 min of silent
+    C++ compilation on 2 cores, again for every new venv path. The op only serves DeepSpeed's tensor-parallel
+    inference all-reduce (`inference_all_reduce`), which training never calls: gradients go through the gloo group.
+    """
+    global _TRAINING_CPU_ACCELERATOR
+    if _TRAINING_CPU_ACCELERATOR is None:
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+        class TrainingCPUAccelerator(CPU_Accelerator):
+            def get_op_builder(self, class_name):
+                # None is DeepSpeed's own "no such op here" answer: its comm then starts without the op.
+                return None if class_name == "ShareMemCommBuilder" else super().get_op_builder(class_name)
+
+        _TRAINING_CPU_ACCELERATOR = TrainingCPUAccelerator
+    return _TRAINING_CPU_ACCELERATOR
+
+
+def _use_training_cpu_accelerator() -> None:
+    """Install it through DeepSpeed's public `set_accelerator` (the hook for custom accelerators)."""
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+
+    cls = training_cpu_accelerator_class()
+    if not isinstance(get_accelerator(), cls):
+        set_accelerator(cls())
+
+
 def init_distributed(backend: str | None = None, timeout_s: float = 1800) -> tuple[int, int, int]:
     """Initialise torch.distributed through DeepSpeed; return (rank, world_size, local_rank).
 
     Works under torchrun, srun, submitit and a plain single process. Picks nccl with CUDA and
     gloo otherwise (setting DS_ACCELERATOR=cpu when unset), and selects the CUDA device from
-    LOCAL_RANK. Calling it again returns the existing group's values.
+    LOCAL_RANK. On CPU, DeepSpeed gets `training_cpu_accelerator_class()`, which compiles nothing.
+    Calling it again returns the existing group's values.
     """
     import torch
     import torch.distributed as dist
@@ -344,6 +378,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800) -> tup
             )
         torch.cuda.set_device(local_rank)  # before init: NCCL binds the communicator to it
 
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        _use_training_cpu_accelerator()  # no minutes-long compile of an op training never uses
     import deepspeed.comm
 
     deepspeed.comm.init_distributed(
