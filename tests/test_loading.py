@@ -83,3 +83,32 @@ def test_impossible_transform_is_refused(m, g, message):
     model, _ = load_pretrained("random:tiny")
     with pytest.raises(SwiftKVInputError, match=message):
         to_swiftkv(model, m, g)
+
+
+def test_gguf_cache_is_keyed_by_content_so_copies_share_it(tmp_path, monkeypatch, caplog):
+    """A copy of the same GGUF elsewhere (the default model ships inside each venv) reuses the dequantized entry."""
+    monkeypatch.setenv("SWIFTKV_CACHE", str(tmp_path / "cache"))
+    payload = b"GGUF" + bytes(range(256)) * 4096  # ~1 MB; never parsed when the cache entry exists
+    first, second = tmp_path / "venv1" / "model.gguf", tmp_path / "venv2" / "pkg" / "model.gguf"
+    for path in (first, second):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(payload)
+    other = tmp_path / "other" / "model.gguf"
+    other.parent.mkdir()
+    other.write_bytes(payload[:-1] + b"\x00")  # one byte differs
+
+    entry = loading._gguf_cache_dir(first)
+    assert entry == loading._gguf_cache_dir(second)
+    assert entry.parent == tmp_path / "cache" / "gguf" and entry.name.startswith("model-")
+    assert loading._gguf_cache_dir(other) != entry
+
+    # Fill the entry as the first dequantization would (an ordinary HF dir), then load through the second copy.
+    model, tok = load_pretrained("random:tiny")
+    model.save_pretrained(entry)
+    tok.save_pretrained(entry)
+    with caplog.at_level("INFO", logger=loading.__name__):
+        loaded, _ = load_pretrained(str(second))
+    assert "dequantizing" not in caplog.text and f"cached at {entry}" in caplog.text
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)

@@ -56,20 +56,27 @@ def check_llama_family(config, spec: str) -> None:
 
 
 def _gguf_cache_dir(path: Path) -> Path:
-    """Dequantizing a GGUF takes ~30 s on CPU; the HF-format result is cached by file identity."""
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    """Dequantizing a GGUF takes ~30 s on CPU; the HF-format result is cached by the file's content.
+
+    A content key (sha256 of the bytes: ~0.2 s for the 98 MB SmolLM2 file) lets every copy of the same file share
+    one entry: the default model lives inside the venv, so a path key dequantized again for every new venv.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
     root = Path(os.environ.get("SWIFTKV_CACHE", Path.home() / ".cache" / "swiftkv_train"))
-    return root / "gguf" / f"{path.stem}-{key}"
+    return root / "gguf" / f"{path.stem}-{digest.hexdigest()[:16]}"
 
 
 def _load_gguf(path: Path, dtype, spec: str):
     cache = _gguf_cache_dir(path)
     if (cache / "config.json").is_file():
+        log.info("loading model %s (dequantized earlier, cached at %s)", spec, cache)
         return _load_hf_dir(cache, dtype, spec)
     if importlib.util.find_spec("gguf") is None:
         raise SwiftKVInputError("loading a GGUF file needs the `gguf` package: `pip install gguf`.")
-    log.info("dequantizing %s (cached at %s afterwards)", path, cache)
+    log.info("dequantizing %s to fp32 (about 30 s on CPU, once: cached at %s)", path, cache)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     check_llama_family(config, spec)
