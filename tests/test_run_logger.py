@@ -228,3 +228,79 @@ def test_mfu():
     assert mfu(1000.0, 6e9, 1e13) == pytest.approx(0.6)
     with pytest.raises(ValueError):
         mfu(1.0, 1.0, 0.0)
+
+
+# -- the display in a real pseudo-terminal -------------------------------------------------------------------------
+
+PTY_SCRIPT = """
+import logging, sys
+from swiftkv_train.train.run_logger import RunLogger
+logging.basicConfig(level=logging.INFO, format="%(message)s")  # stderr, as the trainer's logging
+lg = RunLogger(sys.argv[1], rank=0, total_steps=3)  # stream: sys.stdout, the terminal
+for step, loss in ((1, 3.0), (2, 2.0), (3, 1.0)):
+    lg.log(step, {"loss": loss, "lr": 1e-3, "tokens": 100})
+    if step == 2:
+        logging.getLogger("t").info("EVAL-MID")
+logging.getLogger("t").info("EVAL-END")  # the trainer's end-of-run eval comes after the last step
+lg.log(3, {"eval/kl": 0.1})
+lg.close()
+"""
+
+
+def _run_in_pty(tmp_path, columns: int) -> str:
+    """Run PTY_SCRIPT with stdout and stderr on one pseudo-terminal of the given width; return all it wrote."""
+    import fcntl
+    import os
+    import struct
+    import subprocess
+    import sys
+    import termios
+    import tty
+    import pty
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    tty.setraw(slave)  # no "\n" -> "\r\n" translation: the test sees exactly the bytes written
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.Popen([sys.executable, "-c", PTY_SCRIPT, str(tmp_path)], stdin=slave, stdout=slave,
+                            stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child is gone and the terminal drained
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=120) == 0, b"".join(chunks).decode(errors="replace")[-2000:]
+    return b"".join(chunks).decode()
+
+
+def test_tty_bar_shows_current_step_and_logs_land_on_their_own_line(tmp_path):
+    out = _run_in_pty(tmp_path, columns=100)
+    frames = [f for f in out.replace("\n", "\r").split("\r") if "it/s" in f or "step/s" in f or "s/step" in f]
+    by_step = {}
+    for frame in frames:
+        for step in (1, 2, 3):
+            if f" {step}/3 " in frame:
+                by_step.setdefault(step, []).append(frame)
+    assert set(by_step) == {1, 2, 3}, out
+    for step, loss in ((1, "3"), (2, "2"), (3, "1")):  # every frame of a step shows that step's loss, no lag
+        assert all(f"loss={loss}," in f for f in by_step[step]), (step, by_step[step])
+    # Log lines start a line: the bar is cleared before (tqdm.write) or closed with a newline at the last step.
+    for message in ("EVAL-MID", "EVAL-END"):
+        i = out.index(message)
+        assert out[i - 1] in "\r\n" and out[i + len(message)] == "\n", repr(out[max(0, i - 80):i + 20])
+    assert out.index("EVAL-END") > out.rindex(" 3/3 ")  # after the bar's last frame, not under it
+    assert "eval" not in out.replace("EVAL", "")  # eval records are not shown (the trainer logs them)
+
+
+def test_zero_column_terminal_falls_back_to_lines(tmp_path):
+    out = _run_in_pty(tmp_path, columns=0)
+    lines = [line for line in out.replace("\r", "").split("\n") if line]
+    assert [line.split(" | ")[:2] for line in lines if line.startswith("step ")] == [
+        ["step 1/3", "loss 3"], ["step 2/3", "loss 2"], ["step 3/3", "loss 1"]]
+    assert "%|" not in out and "EVAL-MID" in lines and "EVAL-END" in lines

@@ -85,6 +85,18 @@ def _format_eta(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(round(seconds))))
 
 
+def _terminal_columns(stream) -> int | None:
+    """Width of the terminal behind ``stream``; None when it is no terminal or does not say."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):  # no fileno (StringIO raises UnsupportedOperation, an OSError)
+        return None
+
+
+def _has_console_handler(logger: logging.Logger) -> bool:
+    return any(isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr) for h in logger.handlers)
+
+
 class RunLogger:
     """Progress + metrics sink for a training run (rank 0 only).
 
@@ -92,7 +104,8 @@ class RunLogger:
         run_dir: directory for ``metrics.jsonl`` (and wandb's files); created if missing.
         rank: global rank; anything but 0 makes every method a no-op.
         total_steps: optimizer steps in the run, for the progress bar and the ETA.
-        use_tqdm: progress bar (True) or plain lines (False); ``None`` = bar iff ``stream`` is a TTY.
+        use_tqdm: progress bar (True) or plain lines (False); ``None`` = bar iff ``stream`` is a TTY. A terminal
+            that reports 0 columns gets lines either way (tqdm would draw nothing there).
         wandb_cfg: mapping with ``mode`` ("disabled" default, "offline", "online") and optional
             ``project``, ``entity``, ``name``, ``group``, ``tags``, ``config`` (the run config to
             record, secrets redacted before it is handed to wandb).
@@ -104,7 +117,12 @@ class RunLogger:
 
     Metric conventions for `log`: ``loss`` and ``lr`` are shown; ``tokens`` is the number of
     tokens processed since the previous `log` call, from which ``tokens_per_s`` is derived
-    unless the caller passes ``tokens_per_s`` itself.
+    unless the caller passes ``tokens_per_s`` itself. A record with none of these (e.g. eval
+    metrics) goes to JSONL and wandb only.
+
+    While the bar is up, console logging (the root logger's and DeepSpeed's) goes through
+    ``tqdm.write``, so log lines land above the bar instead of on it; the bar is closed at the
+    last step, so what the run prints afterwards starts on a line of its own.
     """
 
     def __init__(
@@ -128,13 +146,15 @@ class RunLogger:
         self.active = rank == 0
         self.total_steps = total_steps
         self._closed = False
-        self._file = self._bar = self._wandb_run = None
+        self._file = self._bar = self._wandb_run = self._redirect = None
         if not self.active:
             return
 
         self.stream = stream if stream is not None else sys.stdout
         if use_tqdm is None:
             use_tqdm = bool(getattr(self.stream, "isatty", lambda: False)())
+        if use_tqdm and _terminal_columns(self.stream) == 0:
+            use_tqdm = False  # a 0-column terminal (some CI pseudo-terminals) would show nothing at all
         self.print_every = print_every or max(1, total_steps // 50)
         self.run_dir = os.fspath(run_dir)
         os.makedirs(self.run_dir, exist_ok=True)
@@ -145,10 +165,17 @@ class RunLogger:
         self._start_step = start_step
         self._t_start = self._t_last = clock()
         self._printed_first = False
+        self._use_bar = use_tqdm
         if use_tqdm:
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
-            self._bar = tqdm(total=total_steps, initial=start_step, file=self.stream, dynamic_ncols=True, unit="step")
+            # mininterval=0, miniters=1: a step takes seconds, so draw every one (tqdm would skip fast updates).
+            self._bar = tqdm(total=total_steps, initial=start_step, file=self.stream, dynamic_ncols=True, unit="step",
+                             mininterval=0, miniters=1)
+            consoles = [lg for lg in (logging.getLogger(), logging.getLogger("DeepSpeed")) if _has_console_handler(lg)]
+            self._redirect = logging_redirect_tqdm(loggers=consoles)
+            self._redirect.__enter__()
         if mode != "disabled":
             self._wandb_run = self._start_wandb(mode, wandb_cfg)
 
@@ -199,9 +226,19 @@ class RunLogger:
         self._file.write(json.dumps(line, allow_nan=False, default=str) + "\n")
         self._file.flush()
 
+        postfix = self._postfix(record)
         if self._bar is not None:
-            self._bar.update(step - self._bar.n)
-            self._bar.set_postfix(self._postfix(record), refresh=False)
+            # The postfix first: update() draws, and it must draw this step's numbers, not the previous step's.
+            if postfix:
+                self._bar.set_postfix(postfix, refresh=False)
+            if step != self._bar.n:
+                self._bar.update(step - self._bar.n)
+            elif postfix:
+                self._bar.refresh()
+            if step >= self.total_steps:
+                self._close_bar()
+        elif self._use_bar or not postfix:
+            pass  # the bar is done (end-of-run records), or nothing to show (the trainer logs evals itself)
         elif not self._printed_first or step % self.print_every == 0 or step >= self.total_steps:
             self._printed_first = True
             print(self.format_line(step, record, eta), file=self.stream, flush=True)
@@ -233,12 +270,19 @@ class RunLogger:
         if not self.active or self._closed:
             return
         self._closed = True
-        if self._bar is not None:
-            self._bar.close()
+        self._close_bar()
         if self._file is not None:
             self._file.close()
         if self._wandb_run is not None:
             self._wandb_call("finish", self._wandb_run.finish)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
 
     def __enter__(self) -> "RunLogger":
         return self
