@@ -6,6 +6,7 @@ Works the same under torchrun, srun and the Hydra submitit launcher.
 """
 
 import sys
+from pathlib import Path
 
 import hydra
 
@@ -16,15 +17,46 @@ from .launch import strip_launcher_args
 register_schemas()
 
 
-def print_report(summary: dict) -> None:
+EXPORT_DIRS = {"lean": ("lean",), "full": ("full",), "both": ("lean", "full"), "none": ()}
+EXPORT_NOTES = {"lean": "bf16, inference weights only", "full": "every weight, teacher mode still available"}
+
+USAGE = """\
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+path = {path!r}
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+# a plain tokenizer: without trust_remote_code=False, transformers would ask to run the model's config code
+tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+messages = [{{"role": "user", "content": "Natalia sold 48 clips in April and half as many in May. How many in total?"}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+output = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+"""
+
+
+def print_report(summary: dict, run_dir=None, export: str = "none") -> None:
+    """The end of the console: fidelity before/after, where the exports are, and how to use one."""
     evals = summary.get("evals", {})
-    if "start" not in evals or "end" not in evals:
+    if "start" in evals and "end" in evals:
+        print("\nteacher fidelity on the held-out split (assistant tokens):")
+        print(f"{'':8s} {'KL':>8s} {'top-1':>7s} {'ppl student':>12s} {'ppl teacher':>12s}")
+        for when in ("start", "end"):
+            s = evals[when]
+            print(f"{when:8s} {s['kl']:8.4f} {s['top1']:7.3f} {s['ppl_student']:12.2f} {s['ppl_teacher']:12.2f}")
+    if run_dir is None:
         return
-    print("\nteacher fidelity on the held-out split (assistant tokens):")
-    print(f"{'':8s} {'KL':>8s} {'top-1':>7s} {'ppl student':>12s} {'ppl teacher':>12s}")
-    for when in ("start", "end"):
-        s = evals[when]
-        print(f"{when:8s} {s['kl']:8.4f} {s['top1']:7.3f} {s['ppl_student']:12.2f} {s['ppl_teacher']:12.2f}")
+    run_dir = Path(run_dir).resolve()
+    if summary.get("interrupted"):  # stopped early (trainer.stop_after_steps): nothing exported yet
+        print(f"\nrun dir {run_dir}: stopped at step {summary.get('step')}; run again to resume")
+        return
+    # Only this run's kinds (trainer.export): a run dir may still hold another kind from an earlier run.
+    exports = [run_dir / "export" / k for k in EXPORT_DIRS.get(export, ()) if (run_dir / "export" / k).is_dir()]
+    print(f"\nrun dir {run_dir} (config, metrics.jsonl, checkpoints, summary.json)")
+    for path in exports:
+        print(f"export  {path} ({EXPORT_NOTES[path.name]})")
+    if exports:
+        print("\nload and generate (plain transformers, no swiftkv_train needed):\n")
+        print(USAGE.format(path=str(exports[0])))
 
 
 @hydra.main(config_path="pkg://swiftkv_train.recipes", config_name="config", version_base="1.3")
@@ -38,7 +70,7 @@ def main(cfg) -> None:
     except SwiftKVInputError as err:
         exit_with(err)
     if is_rank0():
-        print_report(summary)
+        print_report(summary, cfg.run_dir, cfg.trainer.export)
 
 
 def exit_with(err: SwiftKVInputError) -> None:
