@@ -96,6 +96,19 @@ def test_tqdm_bar_shows_postfix(tmp_path):
     assert "step 4/4 |" not in text  # bar mode prints no plain lines
 
 
+def test_tqdm_bar_leaves_eval_time_out_of_the_step_rate(tmp_path):
+    import time
+
+    out = io.StringIO()
+    logger = RunLogger(tmp_path, rank=0, total_steps=4, use_tqdm=True, stream=out)
+    time.sleep(1.2)  # the eval at start
+    logger.log(0, {"eval/kl": 0.9})
+    logger.log(1, {"loss": 0.5, "tokens": 100})
+    frame = out.getvalue().split("\r")[-1]
+    logger.close()
+    assert " 1/4 [00:00<00:00," in frame, frame  # without the pause: [00:01<00:03, 1.2s/step]
+
+
 def test_wandb_init_failure_is_not_fatal(tmp_path, monkeypatch, caplog):
     def broken_init(**kwargs):
         raise RuntimeError("no network")

@@ -231,6 +231,8 @@ class RunLogger:
             # The postfix first: update() draws, and it must draw this step's numbers, not the previous step's.
             if postfix:
                 self._bar.set_postfix(postfix, refresh=False)
+            else:
+                self._bar.unpause()  # an eval just ran: its minutes are not step time (rate, ETA)
             if step != self._bar.n:
                 self._bar.update(step - self._bar.n)
             elif postfix:
