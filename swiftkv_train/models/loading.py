@@ -133,11 +133,12 @@ def source_checkpoint_dir(spec: str) -> Path | None:
     return path if any(path.glob("*.safetensors")) else None
 
 
-def _load_hub(repo_id: str, dtype):
+def _hub_config(repo_id: str):
+    """The config of a Hub model, or one clear error (no network, no such id, no access)."""
     from huggingface_hub.errors import HFValidationError
 
     try:
-        config = AutoConfig.from_pretrained(repo_id)
+        return AutoConfig.from_pretrained(repo_id)
     except (OSError, HFValidationError, ValueError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
         hint = " (HF_HUB_OFFLINE is set)" if offline else ""
@@ -145,6 +146,10 @@ def _load_hub(repo_id: str, dtype):
             f"could not fetch model {repo_id!r} from the Hugging Face Hub{hint}: {type(err).__name__}. "
             "Check the id and your network/token, or pass a local model directory or a .gguf file instead."
         ) from None
+
+
+def _load_hub(repo_id: str, dtype):
+    config = _hub_config(repo_id)
     check_llama_family(config, repo_id)
     model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype or "auto")
     return model, AutoTokenizer.from_pretrained(repo_id)
@@ -173,17 +178,7 @@ def load_model_config(spec: str):
 
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=True)
     elif _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
-        from huggingface_hub.errors import HFValidationError
-
-        try:
-            config = AutoConfig.from_pretrained(spec)
-        except (OSError, HFValidationError, ValueError) as err:
-            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
-            hint = " (HF_HUB_OFFLINE is set)" if offline else ""
-            raise SwiftKVInputError(
-                f"could not fetch model {spec!r} from the Hugging Face Hub{hint}: {type(err).__name__}. "
-                "Check the id and your network/token, or pass a local model directory or a .gguf file instead."
-            ) from None
+        config = _hub_config(spec)
     else:
         raise SwiftKVInputError(
             f"model {spec!r} is not a directory, a .gguf file, a Hub id (org/name), one of the named defaults "
