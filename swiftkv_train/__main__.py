@@ -17,7 +17,6 @@ from .launch import strip_launcher_args
 register_schemas()
 
 
-EXPORT_DIRS = {"lean": ("lean",), "full": ("full",), "both": ("lean", "full"), "none": ()}
 EXPORT_NOTES = {"lean": "bf16, inference weights only", "full": "every weight, teacher mode still available"}
 
 USAGE = """\
@@ -34,7 +33,7 @@ print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_to
 """
 
 
-def print_report(summary: dict, run_dir=None, export: str = "none") -> None:
+def print_report(summary: dict, run_dir=None) -> None:
     """The end of the console: fidelity before/after, where the exports are, and how to use one."""
     evals = summary.get("evals", {})
     if "start" in evals and "end" in evals:
@@ -49,8 +48,8 @@ def print_report(summary: dict, run_dir=None, export: str = "none") -> None:
     if summary.get("interrupted"):  # stopped early (trainer.stop_after_steps): nothing exported yet
         print(f"\nrun dir {run_dir}: stopped at step {summary.get('step')}; run again to resume")
         return
-    # Only this run's kinds (trainer.export): a run dir may still hold another kind from an earlier run.
-    exports = [run_dir / "export" / k for k in EXPORT_DIRS.get(export, ()) if (run_dir / "export" / k).is_dir()]
+    # What this run wrote (the trainer lists it): a run dir may still hold another kind from an earlier run.
+    exports = [Path(path).resolve() for path in summary.get("exports", [])]
     print(f"\nrun dir {run_dir} (config, metrics.jsonl, checkpoints, summary.json)")
     for path in exports:
         print(f"export  {path} ({EXPORT_NOTES[path.name]})")
@@ -70,7 +69,7 @@ def main(cfg) -> None:
     except SwiftKVInputError as err:
         exit_with(err)
     if is_rank0():
-        print_report(summary, cfg.run_dir, cfg.trainer.export)
+        print_report(summary, cfg.run_dir)
 
 
 def exit_with(err: SwiftKVInputError) -> None:

@@ -63,12 +63,12 @@ def test_report_names_the_exports_and_its_snippet_generates(tmp_path, capsys):
     save_hf(student, tok, run_dir / "export" / "full", lean=False)
     save_hf(student, tok, run_dir / "export" / "lean", lean=True)  # left over from an earlier run: not listed
 
-    print_report({"step": 30, "evals": EVALS}, run_dir, "full")
+    print_report({"step": 30, "evals": EVALS, "exports": [str(run_dir / "export" / "full")]}, run_dir)
     console = capsys.readouterr().out
     assert "start      0.9700   0.620         9.71         3.82" in console
     assert f"\nrun dir {run_dir.resolve()} (" in console
     assert f"export  {run_dir.resolve() / 'export' / 'full'} (every weight" in console
-    assert "export/lean" not in console  # trainer.export=full: the lean dir is not this run's
+    assert "export/lean" not in console  # the trainer wrote only the full export: the lean dir is not this run's
 
     code = _snippet(console)
     assert f"path = {str(run_dir.resolve() / 'export' / 'full')!r}" in code
@@ -88,7 +88,8 @@ def test_report_lists_both_exports_and_snippet_uses_the_lean_one(tmp_path, capsy
     run_dir = tmp_path / "run"
     for kind in ("lean", "full"):
         (run_dir / "export" / kind).mkdir(parents=True)
-    print_report({"step": 30, "evals": EVALS}, run_dir, "both")
+    exports = [str(run_dir / "export" / kind) for kind in ("lean", "full")]
+    print_report({"step": 30, "evals": EVALS, "exports": exports}, run_dir)
     console = capsys.readouterr().out
     lean, full = run_dir.resolve() / "export" / "lean", run_dir.resolve() / "export" / "full"
     assert console.index(f"export  {lean} (bf16") < console.index(f"export  {full} (")
@@ -97,9 +98,9 @@ def test_report_lists_both_exports_and_snippet_uses_the_lean_one(tmp_path, capsy
 
 def test_report_of_a_stopped_or_export_free_run_has_no_snippet(tmp_path, capsys):
     (tmp_path / "export" / "lean").mkdir(parents=True)
-    print_report({"interrupted": True, "step": 12}, tmp_path, "lean")
+    print_report({"interrupted": True, "step": 12}, tmp_path)
     assert capsys.readouterr().out == f"\nrun dir {tmp_path.resolve()}: stopped at step 12; run again to resume\n"
-    print_report({"step": 30, "evals": EVALS}, tmp_path, "none")
+    print_report({"step": 30, "evals": EVALS, "exports": []}, tmp_path)
     console = capsys.readouterr().out
     assert "KL" in console and f"run dir {tmp_path.resolve()} (" in console
     assert "export  " not in console and "load and generate" not in console

@@ -334,8 +334,9 @@ class Trainer:
                     return {"interrupted": True, "step": self.step}
             self._record_eval("end", logger)
             self._save_checkpoint()
-            self.export()
-            summary = {"step": self.step, "evals": self.evals, "trainable_parameters": self.num_trainable}
+            exports = self.export()
+            summary = {"step": self.step, "evals": self.evals, "trainable_parameters": self.num_trainable,
+                       "exports": [str(path) for path in exports]}
             if t.harness_suites and self.rank == 0:
                 summary["harness"] = self.run_harness()
             if self.rank == 0:
