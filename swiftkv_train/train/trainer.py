@@ -22,12 +22,12 @@ from ..export import save_hf
 from ..launch import barrier, init_distributed
 from ..metrics import FidelityAccumulator, next_token_targets
 from ..models import load_pretrained
-from ..models.loading import load_model_config
+from ..models.loading import load_model_config, source_checkpoint_dir
 from ..transformations import build_transformation
 from ..transformations.swiftkv import gathered
 from . import checkpointing
 from .deepspeed_config import build_deepspeed_config
-from .model_card import render_model_card
+from .model_card import chosen_transform, render_model_card
 from .run_logger import RunLogger, mfu
 from .schedule import lr_lambda
 
@@ -374,9 +374,6 @@ class Trainer:
 
     # ---- export ----------------------------------------------------------------------------------------------
     def export(self) -> list[Path]:
-        from ..models.loading import source_checkpoint_dir
-        from .model_card import chosen_transform
-
         which = self.cfg.trainer.export
         kinds = {"lean": [True], "full": [False], "both": [True, False], "none": []}[which]
         model = self.transformation.prepare_export(self.engine.module)
