@@ -23,6 +23,16 @@ def restore_environment():
     os.environ.update(saved)
 
 
+@pytest.fixture(autouse=True)
+def no_leftover_process_group():
+    """In-process training initialises a (single-rank) process group; a later test that starts its own ranks, or
+    checks that none exists, must not find it."""
+    yield
+    from swiftkv_train.launch import destroy_distributed
+
+    destroy_distributed()
+
+
 SMOKE_MODULE = "test_model_smoke.py"
 _smoke_failures: list[str] = []
 
