@@ -339,3 +339,26 @@ def test_fidelity_of_a_cskv_model_scores_the_compressed_path(tmp_path):
         teacher = model.cskv(False)(ids).logits
     assert torch.allclose(exact, teacher, atol=1e-5)  # a plain forward is exact: it would report KL 0
     assert kl > 1e-4 and not torch.allclose(compressed, teacher, atol=1e-3)
+
+
+def test_policies_from_the_eval_config_keep_their_own_defaults():
+    """A setting left unset in the shared policy config is each policy's own default (H2O 0.5, Keyformer 0.3),
+    a set one applies to every policy that has it, and per-policy overrides win."""
+    from swiftkv_train.eval.api import policies_from_config
+    from swiftkv_train.policies import H2O, Keyformer, SnapKV, StreamingLLM
+
+    names = ["h2o", "keyformer", "snapkv", "streaming_llm"]
+    built = dict(policies_from_config(make_config(policies={"names": names}).policies))
+    assert list(built) == ["h2o@50%", "keyformer@50%", "snapkv@50%", "streaming_llm@50%"]
+    h2o, keyformer, snapkv, streaming = built.values()
+    assert isinstance(h2o, H2O) and h2o.recent_share == H2O(4).recent_share == 0.5
+    assert isinstance(keyformer, Keyformer) and keyformer.recent_share == 0.3
+    assert isinstance(snapkv, SnapKV) and snapkv.observation_window == 32
+    assert isinstance(streaming, StreamingLLM) and streaming.sink_tokens == 4
+
+    cfg = make_config(policies={"names": ["h2o", "keyformer"], "recent_share": 0.2,
+                                "overrides": {"keyformer": {"recent_share": 0.4}}}).policies
+    h2o, keyformer = dict(policies_from_config(cfg)).values()
+    assert (h2o.recent_share, keyformer.recent_share) == (0.2, 0.4)
+    with pytest.raises(SwiftKVInputError, match="unknown policy 'tova'"):
+        policies_from_config(make_config(policies={"names": ["tova"]}).policies)

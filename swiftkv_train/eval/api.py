@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import datetime
 import platform
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..errors import SwiftKVInputError
-from ..policies import build_policy
+from ..policies import POLICIES, build_policy
 from .config import SUITES, EvalConfig
 from .efficiency import run_efficiency
 from .fidelity import run_fidelity
@@ -23,14 +24,15 @@ from .subjects import Subject, mode_switch, teacher_of
 
 __all__ = ["evaluate", "make_config", "parse_suites", "policies_from_config"]
 
-_POLICY_FIELDS = {
-    "streaming_llm": ("budget", "sink_tokens"),
-    "h2o": ("budget", "recent_share", "observation_window"),
-    "keyformer": ("budget", "recent_share", "tau_init", "tau_end", "seed", "observation_window"),
-    "snapkv": ("budget", "observation_window"),
-    # Locret's trained retaining heads (a llama_locret model) ranking entries: the shared learned-score policy.
-    "locret": ("budget", "stabilizers"),
-}
+# Policy names the harness accepts -> the policy they build. "locret": Locret's trained retaining heads (a
+# llama_locret model) ranking entries, through the shared learned-score policy.
+_EVAL_POLICIES = {"streaming_llm": "streaming_llm", "h2o": "h2o", "keyformer": "keyformer", "snapkv": "snapkv",
+                  "locret": "learned"}
+
+
+def _policy_settings(policy: str) -> list[str]:
+    """The settings a policy takes: its constructor's parameters (declared once, in the policy class)."""
+    return [name for name in inspect.signature(POLICIES[policy].__init__).parameters if name != "self"]
 
 
 def make_config(config=None, **overrides):
@@ -62,12 +64,14 @@ def policies_from_config(cfg) -> list[tuple[str, object]]:
     """(name, policy) pairs from ``cfg.policies`` (PolicyConfig)."""
     out = []
     for name in cfg.names:
-        if name not in _POLICY_FIELDS:
-            raise SwiftKVInputError(f"policies.names: unknown policy {name!r}; use any of {', '.join(_POLICY_FIELDS)}.")
-        settings = {k: cfg[k] for k in _POLICY_FIELDS[name] if cfg[k] is not None}
+        if name not in _EVAL_POLICIES:
+            raise SwiftKVInputError(f"policies.names: unknown policy {name!r}; use any of {', '.join(_EVAL_POLICIES)}.")
+        policy = _EVAL_POLICIES[name]
+        # The shared settings this policy has; unset ones (null) leave the policy's own default.
+        settings = {k: cfg[k] for k in _policy_settings(policy) if k in cfg and cfg[k] is not None}
         settings.update(OmegaConf.to_container(cfg.overrides, resolve=True).get(name, {}) if cfg.overrides else {})
         label = f"{name}@{settings.get('budget', '')}"
-        out.append((label, build_policy("learned" if name == "locret" else name, **settings)))
+        out.append((label, build_policy(policy, **settings)))
     return out
 
 

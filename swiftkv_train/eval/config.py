@@ -26,13 +26,15 @@ class PolicyConfig:
     names: list[str] = field(default_factory=list)
     # Tokens ("512"), share of the prompt ("50%" / "0.5") or compression ratio ("4x"); per policy in `overrides`.
     budget: str = "50%"
-    sink_tokens: int = 4  # StreamingLLM
-    stabilizers: int = 0  # Locret: newest entries always kept
-    recent_share: float = 0.3  # H2O, Keyformer
-    tau_init: float = 1.0  # Keyformer
-    tau_end: float = 2.0
-    observation_window: int | None = None  # H2O/Keyformer: score only the last n query rows; SnapKV: default 32
-    seed: int = 0
+    # Settings below apply to every named policy that has them; null = each policy's own default (its class
+    # declares it: H2O recent_share 0.5, Keyformer 0.3, SnapKV observation_window 32, ...).
+    sink_tokens: int | None = None  # StreamingLLM
+    stabilizers: int | None = None  # Locret: newest entries always kept
+    recent_share: float | None = None  # H2O, Keyformer
+    tau_init: float | None = None  # Keyformer
+    tau_end: float | None = None
+    observation_window: int | None = None  # H2O/Keyformer: score only the last n query rows; SnapKV: window
+    seed: int | None = None
     # Per-policy settings that win over the shared ones, e.g. {keyformer: {budget: "60%"}}.
     overrides: dict[str, Any] = field(default_factory=dict)
 
