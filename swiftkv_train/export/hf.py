@@ -25,18 +25,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..zero import gathered
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
-
-
-def _gathered(param: torch.Tensor):
-    """Context manager that materialises a ZeRO-3 partitioned parameter (a no-op for ordinary tensors)."""
-    if hasattr(param, "ds_id"):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
-    return torch.no_grad()
 
 
 def iter_state_tensors(model: torch.nn.Module, skip: set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
@@ -50,7 +43,7 @@ def iter_state_tensors(model: torch.nn.Module, skip: set[str] = frozenset()) -> 
         if name in skip or id(param) in seen:
             continue
         seen.add(id(param))
-        with _gathered(param):
+        with gathered(param):
             yield name, param.detach().to("cpu", copy=True)
     non_persistent = {
         f"{mod_name}.{buf}".lstrip(".")

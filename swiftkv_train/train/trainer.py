@@ -24,7 +24,7 @@ from ..metrics import FidelityAccumulator, next_token_targets
 from ..models import load_pretrained
 from ..models.loading import load_model_config, source_checkpoint_dir
 from ..transformations import build_transformation
-from ..transformations.swiftkv import gathered
+from ..zero import gathered
 from . import checkpointing
 from .deepspeed_config import build_deepspeed_config
 from .model_card import chosen_transform, render_model_card

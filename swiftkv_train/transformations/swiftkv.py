@@ -20,6 +20,7 @@ from ..models.transformers_compat import cache_kwarg
 from ..transform import swiftkv_config, to_swiftkv
 from ..transform.swiftkv import check_layer_split
 from ..transform.swiftkv_calibration import least_squares_kv_init
+from ..zero import gathered
 from .base import Transformation
 
 
@@ -33,16 +34,6 @@ def kl_loss_function(fused: bool):
         except ImportError:
             pass
     return chunked_kl_loss
-
-
-def gathered(*params):
-    """Materialise ZeRO-3 partitioned parameters for reading (no-op otherwise)."""
-    params = [p for p in params if hasattr(p, "ds_id")]
-    if not params:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 class SwiftKVTransformation(Transformation):
