@@ -35,9 +35,9 @@ def installed(venv: Path) -> dict[str, str]:
     return {_normalise(name): version for name, version in (line.split(" ", 1) for line in out.splitlines())}
 
 
-def read_lock(path: Path = LOCK) -> dict[str, str]:
+def read_lock(path: Path | None = None) -> dict[str, str]:
     pins = {}
-    for line in path.read_text().splitlines():
+    for line in (path or LOCK).read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             name, version = line.split("==")
