@@ -1,5 +1,6 @@
 """One loader for every model spec: local HF dir, Hub id, GGUF file / named default, or ``random:<preset>``."""
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -55,18 +56,47 @@ def check_llama_family(config, spec: str) -> None:
             )
 
 
+def _resolve(spec: str) -> tuple[str, Path | str]:
+    """What a model spec names: ("random", preset), ("gguf", file), ("dir", folder) or ("hub", repo id); one clear
+    error for anything else. The one reading of a spec for loading a model, its config and its source files."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise SwiftKVInputError(f"model spec must be a non-empty string, got {spec!r}.")
+    if spec.startswith("random:"):
+        return "random", spec.split(":", 1)[1]
+    if spec in NAMED_GGUF:
+        return "gguf", named_gguf_path(spec)
+    if spec.endswith(".gguf"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise SwiftKVInputError(f"GGUF file {spec!r} does not exist.")
+        return "gguf", path
+    if Path(spec).expanduser().is_dir():
+        return "dir", Path(spec).expanduser()
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return "hub", spec
+    raise SwiftKVInputError(
+        f"model {spec!r} is not a directory, a .gguf file, a Hub id (org/name), one of the named defaults "
+        f"({', '.join(NAMED_GGUF)}) or random:<preset>."
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha256(resolved: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, computed once per (path, size, mtime): a run asks for the GGUF's key several times."""
+    with open(resolved, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _gguf_cache_dir(path: Path) -> Path:
     """Dequantizing a GGUF takes ~30 s on CPU; the HF-format result is cached by the file's content.
 
     A content key (sha256 of the bytes: ~0.2 s for the 98 MB SmolLM2 file) lets every copy of the same file share
     one entry: the default model lives inside the venv, so a path key dequantized again for every new venv.
     """
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
+    stat = path.stat()
+    key = _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)[:16]
     root = Path(os.environ.get("SWIFTKV_CACHE", Path.home() / ".cache" / "swiftkv_train"))
-    return root / "gguf" / f"{path.stem}-{digest.hexdigest()[:16]}"
+    return root / "gguf" / f"{path.stem}-{key}"
 
 
 def _load_gguf(path: Path, dtype, spec: str):
@@ -91,13 +121,16 @@ def _load_gguf(path: Path, dtype, spec: str):
     return _load_hf_dir(cache, dtype, spec)
 
 
-def _load_hf_dir(path: Path, dtype, spec: str):
+def _dir_config(path: Path):
     if not (path / "config.json").is_file():
         raise SwiftKVInputError(f"model directory {str(path)!r} has no config.json: is it a Hugging Face model dir?")
     from . import register  # noqa: F401  (registers llama_swiftkv with the Auto classes)
 
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=True)
-    check_llama_family(config, spec)
+    return AutoConfig.from_pretrained(str(path), trust_remote_code=True)
+
+
+def _load_hf_dir(path: Path, dtype, spec: str):
+    check_llama_family(_dir_config(path), spec)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto", trust_remote_code=True)
     tokenizer = AutoTokenizer.from_pretrained(str(path)) if _has_tokenizer(path) else None
     return model, tokenizer
@@ -113,23 +146,20 @@ def source_checkpoint_dir(spec: str) -> Path | None:
 
     Full exports copy the frozen weights from it as stored: a model loaded in bf16 only holds rounded copies.
     """
-    if spec.startswith("random:"):
+    kind, target = _resolve(spec)
+    if kind == "random":
         return None
-    if spec in NAMED_GGUF:
-        path = _gguf_cache_dir(named_gguf_path(spec))
-    elif spec.endswith(".gguf") and Path(spec).expanduser().is_file():
-        path = _gguf_cache_dir(Path(spec).expanduser())
-    elif Path(spec).expanduser().is_dir():
-        path = Path(spec).expanduser()
-    elif _HUB_ID.match(spec):
+    if kind == "gguf":
+        path = _gguf_cache_dir(target)
+    elif kind == "dir":
+        path = target
+    else:
         from huggingface_hub import snapshot_download
 
         try:
-            path = Path(snapshot_download(spec, local_files_only=True))
+            path = Path(snapshot_download(target, local_files_only=True))
         except (OSError, ValueError):  # not in the local cache: nothing to copy from without a download
             return None
-    else:
-        return None
     return path if any(path.glob("*.safetensors")) else None
 
 
@@ -158,32 +188,19 @@ def _load_hub(repo_id: str, dtype):
 def load_model_config(spec: str):
     """The config of the model ``load_pretrained(spec)`` would load, without its weights (seconds, not minutes), so
     that settings can be checked against the architecture first. Same specs, same messages for bad ones."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise SwiftKVInputError(f"model spec must be a non-empty string, got {spec!r}.")
-    if spec.startswith("random:"):
-        return tiny.random_config(spec.split(":", 1)[1])
-    if spec in NAMED_GGUF or spec.endswith(".gguf"):
-        path = named_gguf_path(spec) if spec in NAMED_GGUF else Path(spec).expanduser()
-        if not path.is_file():
-            raise SwiftKVInputError(f"GGUF file {spec!r} does not exist.")
-        cached = _gguf_cache_dir(path)
+    kind, target = _resolve(spec)
+    if kind == "random":
+        return tiny.random_config(target)
+    if kind == "gguf":
+        cached = _gguf_cache_dir(target)
         if (cached / "config.json").is_file():  # dequantized before: what load_pretrained will load
-            return load_model_config(str(cached))
-        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    elif Path(spec).expanduser().is_dir():
-        path = Path(spec).expanduser()
-        if not (path / "config.json").is_file():
-            raise SwiftKVInputError(f"model directory {str(path)!r} has no config.json: is it a Hugging Face model dir?")
-        from . import register  # noqa: F401  (registers llama_swiftkv with the Auto classes)
-
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=True)
-    elif _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
-        config = _hub_config(spec)
+            config = _dir_config(cached)
+        else:
+            config = AutoConfig.from_pretrained(str(target.parent), gguf_file=target.name)
+    elif kind == "dir":
+        config = _dir_config(target)
     else:
-        raise SwiftKVInputError(
-            f"model {spec!r} is not a directory, a .gguf file, a Hub id (org/name), one of the named defaults "
-            f"({', '.join(NAMED_GGUF)}) or random:<preset>."
-        )
+        config = _hub_config(target)
     check_llama_family(config, spec)
     return config
 
@@ -199,28 +216,16 @@ def load_pretrained(
     ``attn_implementation`` is any transformers one, or ``"varlen"`` (flash attention over packed documents, for
     training; see :mod:`swiftkv_train.models.varlen_attention`).
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise SwiftKVInputError(f"model spec must be a non-empty string, got {spec!r}.")
-    if spec.startswith("random:"):
-        preset = spec.split(":", 1)[1]
-        model = tiny.random_model(preset, dtype=dtype or torch.float32, device=device)
+    kind, target = _resolve(spec)
+    if kind == "random":
+        model = tiny.random_model(target, dtype=dtype or torch.float32, device=device)
         tokenizer = tiny.byte_tokenizer()
-    elif spec in NAMED_GGUF:
-        model, tokenizer = _load_gguf(named_gguf_path(spec), dtype, spec)
-    elif spec.endswith(".gguf"):
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise SwiftKVInputError(f"GGUF file {spec!r} does not exist.")
-        model, tokenizer = _load_gguf(path, dtype, spec)
-    elif Path(spec).expanduser().is_dir():
-        model, tokenizer = _load_hf_dir(Path(spec).expanduser(), dtype, spec)
-    elif _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
-        model, tokenizer = _load_hub(spec, dtype)
+    elif kind == "gguf":
+        model, tokenizer = _load_gguf(target, dtype, spec)
+    elif kind == "dir":
+        model, tokenizer = _load_hf_dir(target, dtype, spec)
     else:
-        raise SwiftKVInputError(
-            f"model {spec!r} is not a directory, a .gguf file, a Hub id (org/name), one of the named defaults "
-            f"({', '.join(NAMED_GGUF)}) or random:<preset>."
-        )
+        model, tokenizer = _load_hub(target, dtype)
     if attn_implementation == VARLEN:
         register_varlen_attention()  # packed-row training attention (see varlen_attention.py)
     if attn_implementation and model.config._attn_implementation != attn_implementation:
