@@ -41,12 +41,14 @@ def check_layer_split(layers: int, m, g, training: bool = False, prefix: str = "
         )
 
 
-def swiftkv_config(source_config, num_key_value_layers: int, key_value_group_size: int = 1) -> LlamaSwiftKVConfig:
-    """A LlamaSwiftKVConfig with the source's architecture, validated with messages that name the fields."""
+def swiftkv_config(source_config, num_key_value_layers: int, key_value_group_size: int = 1, *,
+                   training: bool = False, prefix: str = "") -> LlamaSwiftKVConfig:
+    """A LlamaSwiftKVConfig with the source's architecture, validated with messages that name the fields
+    (``training`` and ``prefix``: see :func:`check_layer_split`)."""
     check_llama_family(source_config, getattr(source_config, "name_or_path", "") or "model")
     layers = source_config.num_hidden_layers
     m, g = num_key_value_layers, key_value_group_size
-    check_layer_split(layers, m, g)
+    check_layer_split(layers, m, g, training=training, prefix=prefix)
     if getattr(source_config, "model_type", None) == "llama_swiftkv":
         fields = source_config.to_dict()
     else:

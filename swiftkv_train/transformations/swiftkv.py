@@ -15,10 +15,8 @@ from transformers.masking_utils import create_causal_mask
 
 from ..errors import SwiftKVInputError
 from ..losses import chunked_kl_loss, hidden_mse_loss, kl_mask_from_labels
-from ..models.loading import check_llama_family
 from ..models.transformers_compat import cache_kwarg
 from ..transform import swiftkv_config, to_swiftkv
-from ..transform.swiftkv import check_layer_split
 from ..transform.swiftkv_calibration import least_squares_kv_init
 from ..zero import gathered
 from .base import Transformation
@@ -46,9 +44,7 @@ class SwiftKVTransformation(Transformation):
 
     def check_model_config(self, config) -> None:
         m, g = self.num_key_value_layers(config), self.cfg.key_value_group_size
-        check_llama_family(config, getattr(config, "name_or_path", "") or "model")
-        check_layer_split(config.num_hidden_layers, m, g, training=True, prefix="transform.swiftkv.")
-        self._check_loss_settings(swiftkv_config(config, m, g))
+        self._check_loss_settings(swiftkv_config(config, m, g, training=True, prefix="transform.swiftkv."))
 
     def build_student(self, model):
         self.check_model_config(model.config)
