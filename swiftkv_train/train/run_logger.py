@@ -239,9 +239,10 @@ class RunLogger:
                 self._bar.refresh()
             if step >= self.total_steps:
                 self._close_bar()
-        elif self._use_bar or not postfix:
-            pass  # the bar is done (end-of-run records), or nothing to show (the trainer logs evals itself)
-        elif not self._printed_first or step % self.print_every == 0 or step >= self.total_steps:
+        # No line once the bar is done (end-of-run records), nor for records without step numbers (evals: the
+        # trainer logs those itself).
+        elif not self._use_bar and postfix and (
+                not self._printed_first or step % self.print_every == 0 or step >= self.total_steps):
             self._printed_first = True
             print(self.format_line(step, record, eta), file=self.stream, flush=True)
 
