@@ -53,7 +53,7 @@ GROUP_SIZE = 32
 def build_case(shape: dict, context: int, batch: int, bits: int | None, dtype, device, seed=0):
     """A CSKV cache layer holding ``context`` tokens (``window`` exact, the rest compressed) and the decode step's
     arguments (one new query per row, already in the window)."""
-    from swiftkv_train.models.llama_cskv.cache_llama_cskv import CSKVCacheLayer
+    from swiftkv_train.methods.cskv.remote_code.cache_llama_cskv import CSKVCacheLayer
 
     gen = torch.Generator(device="cpu").manual_seed(seed)
     h_q, h_kv, d, r, w = shape["q_heads"], shape["kv_heads"], shape["head_dim"], shape["rank"], shape["window"]

@@ -23,7 +23,7 @@ import torch
 
 from swiftkv_train.cache_stats import cache_nbytes
 from swiftkv_train.models import load_pretrained
-from swiftkv_train.transformations.locret import LocretConfig, prefill_peak, to_locret
+from swiftkv_train.methods.locret import LocretConfig, prefill_peak, to_locret
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_utils import sync  # noqa: E402

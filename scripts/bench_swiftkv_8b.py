@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 from swiftkv_train.cache_stats import cache_nbytes
 from swiftkv_train.models import load_pretrained
-from swiftkv_train.transform import to_swiftkv
+from swiftkv_train.methods.swiftkv import to_swiftkv
 
 
 def timed(fn, warmup: int, repeats: int) -> float:

@@ -29,7 +29,7 @@ from swiftkv_train.config import register_schemas  # noqa: E402
 from swiftkv_train.eval.api import evaluate  # noqa: E402
 from swiftkv_train.models import load_pretrained  # noqa: E402
 from swiftkv_train.train.trainer import run_training  # noqa: E402
-from swiftkv_train.transformations.locret import to_locret  # noqa: E402
+from swiftkv_train.methods.locret import to_locret  # noqa: E402
 
 BASELINES = ["h2o", "keyformer", "streaming_llm"]
 

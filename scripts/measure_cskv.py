@@ -19,7 +19,7 @@ import torch
 from swiftkv_train.cache_stats import cache_nbytes
 from swiftkv_train.metrics import FidelityAccumulator, next_token_targets
 from swiftkv_train.models import load_pretrained
-from swiftkv_train.transformations.cskv import CSKVTransformation
+from swiftkv_train.methods.cskv import CSKV
 
 
 def essay_windows(tokenizer, files: list[Path], seq: int) -> list[torch.Tensor]:
@@ -33,7 +33,7 @@ def essay_windows(tokenizer, files: list[Path], seq: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def fidelity(t: CSKVTransformation, student, windows) -> dict:
+def fidelity(t: CSKV, student, windows) -> dict:
     acc = FidelityAccumulator()
     for ids in windows:
         teacher, compressed = t.teacher_and_student_hidden(student, {"input_ids": ids})
@@ -84,7 +84,7 @@ def main():
     bits_options = [None if b == "none" else int(b) for b in args.bits.split(",")]
     for (kd, vd), init, bits in itertools.product(densities, args.inits.split(","), bits_options):
         start = time.time()
-        t = CSKVTransformation(dict(key_density=kd, value_density=vd, window=args.window, quant_bits=bits,
+        t = CSKV(dict(key_density=kd, value_density=vd, window=args.window, quant_bits=bits,
                                     init=init, calibration_batches=len(calib),
                                     calibration_cache_dir=args.cache_dir))
         student = t.build_student(base).eval()

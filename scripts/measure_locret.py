@@ -17,7 +17,7 @@ import torch
 
 from swiftkv_train.cache_stats import cache_nbytes
 from swiftkv_train.models import load_pretrained
-from swiftkv_train.transformations.locret import LocretConfig, prefill_peak, to_locret
+from swiftkv_train.methods.locret import LocretConfig, prefill_peak, to_locret
 
 ESSAYS = Path("/work/shared/data/pg_essays")
 QUESTION = "Summarize the main argument of the essays above in one sentence."

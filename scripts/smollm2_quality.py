@@ -30,8 +30,8 @@ from swiftkv_train.data import build_datasets, make_dataloader
 from swiftkv_train.eval.api import evaluate
 from swiftkv_train.models import load_pretrained
 from swiftkv_train.train.trainer import run_training
-from swiftkv_train.transform import to_swiftkv
-from swiftkv_train.transformations.swiftkv import SwiftKVTransformation
+from swiftkv_train.methods.swiftkv import to_swiftkv
+from swiftkv_train.methods.swiftkv import SwiftKV
 
 from make_locret_data import training_essays  # this folder is on sys.path when run as scripts/<name>.py
 
@@ -69,7 +69,7 @@ def essay_split(folder: Path, holdout_chars: int, tokenizer, eval_tokens: int) -
 def calibrated_init(cfg, device):
     """The least-squares initialisation exactly as the trainer builds it (same batches), before any step."""
     base, tok = load_pretrained("smollm2-135m-instruct", dtype=torch.float32, device=device)
-    transformation = SwiftKVTransformation(cfg.transform.swiftkv, cfg)
+    transformation = SwiftKV(cfg.transform.swiftkv, cfg)
     student = transformation.build_student(base)
     train_set, _ = build_datasets(cfg.data, tok)
     probe = make_dataloader(train_set, cfg.trainer.micro_batch_size, cfg.data.seed, 0, 1)

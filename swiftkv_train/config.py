@@ -17,8 +17,7 @@ from omegaconf import MISSING, OmegaConf
 
 from .data.config import DataConfig
 from .errors import SwiftKVInputError
-from .transformations.cskv import CSKVConfig
-from .transformations.locret import LocretConfig
+from .methods import transform_schema
 
 
 @dataclass
@@ -32,40 +31,8 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
 
 
-@dataclass
-class SwiftKVConfig:
-    # M: later layers take K/V from the input of layer M. None = half of the layers.
-    num_key_value_layers: int | None = None
-    # g: AcrossKV group size (consecutive later layers sharing one K/V cache entry).
-    key_value_group_size: int = 1
-    # Forward KL(teacher || student) at temperature T, scaled by T^2, on the masked (assistant) tokens.
-    temperature: float = 2.0
-    kl_weight: float = 1.0
-    # "mean": over masked tokens; "batchmean_all": over all B*S positions (the ArcticTraining convention).
-    kl_reduction: str = "mean"
-    # MSE between student and teacher hidden states (transformers' hidden_states index; -2 = input of the last
-    # layer), weighted; 0 disables it.
-    hidden_loss_weight: float = 1.0
-    hidden_loss_layer: int = -2
-    # The student reuses the teacher's h_M instead of recomputing layers < M (identical result, less compute).
-    reuse_teacher_prefix: bool = True
-    # Activation checkpointing of the student's later layers (the only layers with gradients).
-    gradient_checkpointing: bool = True
-    # K/V projection init: "mean" (the reference: each group's own k/v_proj, averaged over an AcrossKV group) or
-    # "least_squares" (a ridge fit of the teacher's K/V from norm_swiftkv(h_M) on calibration_batches training
-    # batches; kv_init_ridge is relative to the mean input energy).
-    kv_init: str = "mean"
-    calibration_batches: int = 8
-    kv_init_ridge: float = 1.0e-4
-
-
-@dataclass
-class TransformConfig:
-    # Which transformation trains; each has its own section below.
-    name: str = "swiftkv"
-    swiftkv: SwiftKVConfig = field(default_factory=SwiftKVConfig)
-    cskv: CSKVConfig = field(default_factory=CSKVConfig)
-    locret: LocretConfig = field(default_factory=LocretConfig)
+# ``transform``: which method trains and each registered method's own section (see methods.transform_schema).
+TransformConfig = transform_schema(MISSING)
 
 
 @dataclass
@@ -184,6 +151,9 @@ def _schema_of(annotation) -> type | None:
 def _unknown_key_message(path: str, key: str, schema: type) -> str:
     names = list(typing.get_type_hints(schema))
     prefix = path[: -len(key)]
+    moved = getattr(schema, "MOVED", {}).get(key)  # a setting that now lives elsewhere: name its new place
+    if moved:
+        return f"{path} was replaced by {moved}"
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
     if close:
         return f"unknown key {path} (did you mean {prefix}{close[0]}?)"

@@ -13,13 +13,14 @@ import pytest
 from transformers import LlamaConfig
 
 import swiftkv_train.recipes
-from swiftkv_train.config import RunConfig, SwiftKVConfig, check_known_keys, check_override_keys, register_schemas
+from swiftkv_train.config import RunConfig, check_known_keys, check_override_keys, register_schemas
+from swiftkv_train.methods.swiftkv import SwiftKVConfig
 from swiftkv_train.data import DataConfig, SourceConfig, build_datasets
 from swiftkv_train.errors import SwiftKVInputError
 from swiftkv_train.models.loading import load_model_config
 from swiftkv_train.models.tiny import byte_tokenizer
-from swiftkv_train.transform import to_swiftkv
-from swiftkv_train.transformations.swiftkv import SwiftKVTransformation
+from swiftkv_train.methods.swiftkv import to_swiftkv
+from swiftkv_train.methods.swiftkv import SwiftKV
 
 HINT = "unknown key trainer.lrr (did you mean trainer.lr?)"
 
@@ -105,8 +106,8 @@ def llama(layers: int) -> LlamaConfig:
                        num_key_value_heads=2, vocab_size=320)
 
 
-def transformation(**settings) -> SwiftKVTransformation:
-    return SwiftKVTransformation(SwiftKVConfig(**settings))
+def transformation(**settings) -> SwiftKV:
+    return SwiftKV(SwiftKVConfig(**settings))
 
 
 def test_m_equal_to_the_layer_count_is_refused_for_training():
@@ -170,17 +171,17 @@ def test_model_config_alone_is_loaded_and_checked(tmp_path):
 
 
 def test_cskv_and_locret_check_the_config_too():
-    from swiftkv_train.transformations.cskv import CSKVTransformation
-    from swiftkv_train.transformations.locret import LocretTransformation
+    from swiftkv_train.methods.cskv import CSKV
+    from swiftkv_train.methods.locret import Locret
 
     with pytest.raises(SwiftKVInputError, match="key_density_per_layer has 3 entries but the model has 4 layers"):
-        CSKVTransformation({"key_density_per_layer": [0.5] * 3}).check_model_config(llama(4))
-    CSKVTransformation({"key_density_per_layer": [0.5] * 4}).check_model_config(llama(4))
+        CSKV({"key_density_per_layer": [0.5] * 3}).check_model_config(llama(4))
+    CSKV({"key_density_per_layer": [0.5] * 4}).check_model_config(llama(4))
     qwen = llama(4)
     qwen.model_type = "qwen2"
     with pytest.raises(SwiftKVInputError, match="Locret is built from a Llama-family model .*got model_type 'qwen2'"):
-        LocretTransformation({}).check_model_config(qwen)
-    LocretTransformation({}).check_model_config(llama(4))
+        Locret({}).check_model_config(qwen)
+    Locret({}).check_model_config(llama(4))
 
 
 def test_smollm2_config_loads_without_its_weights():

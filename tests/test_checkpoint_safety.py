@@ -185,9 +185,9 @@ class NaNGradient(torch.autograd.Function):
 
 
 def poison_gradients_at_call(monkeypatch, call):
-    from swiftkv_train.transformations.swiftkv import SwiftKVTransformation
+    from swiftkv_train.methods.swiftkv import SwiftKV
 
-    real_loss, calls = SwiftKVTransformation.loss, {"n": 0}
+    real_loss, calls = SwiftKV.loss, {"n": 0}
 
     def poisoned(self, student, batch):
         out = real_loss(self, student, batch)
@@ -196,7 +196,7 @@ def poison_gradients_at_call(monkeypatch, call):
             out["loss"] = NaNGradient.apply(out["loss"])
         return out
 
-    monkeypatch.setattr(SwiftKVTransformation, "loss", poisoned)
+    monkeypatch.setattr(SwiftKV, "loss", poisoned)
 
 
 def all_finite_tensors(obj):

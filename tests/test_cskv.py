@@ -11,14 +11,14 @@ import torch
 from swiftkv_train.errors import SwiftKVInputError
 from swiftkv_train.export import save_hf
 from swiftkv_train.models import load_pretrained
-from swiftkv_train.models.llama_cskv import CSKVCache, LlamaCSKVForCausalLM
-from swiftkv_train.transformations.cskv import CSKVConfig, CSKVTransformation, cskv_parameters
+from swiftkv_train.methods.cskv.remote_code import CSKVCache, LlamaCSKVForCausalLM
+from swiftkv_train.methods.cskv import CSKVConfig, CSKV, cskv_parameters
 
 
 def build(preset="random:tiny", **settings):
     base, tok = load_pretrained(preset)
     settings.setdefault("init", "svd")
-    t = CSKVTransformation(settings)
+    t = CSKV(settings)
     return base, t.build_student(base), t, tok
 
 
@@ -231,7 +231,7 @@ def test_asvd_calibration_matches_reference_and_is_cached(tmp_path):
                     calibration_cache_dir=str(tmp_path))
     gen = torch.Generator().manual_seed(7)
     batches = [{"input_ids": torch.randint(0, 256, (2, 16), generator=gen)} for _ in range(3)]
-    t = CSKVTransformation(settings)
+    t = CSKV(settings)
     student = t.build_student(base)
     t.calibrate(student, iter(batches))
     assert t.calibration_info["factors_cached"] is False and t.calibration_info["factors_path"].is_file()
@@ -255,14 +255,14 @@ def test_asvd_calibration_matches_reference_and_is_cached(tmp_path):
             torch.testing.assert_close(got, best, rtol=0, atol=1e-5)
 
     # A fresh run with the same model, data and settings loads the factors instead of recomputing them.
-    t2 = CSKVTransformation(settings)
+    t2 = CSKV(settings)
     student2 = t2.build_student(base)
     t2.calibrate(student2, iter(batches))
     assert t2.calibration_info["factors_cached"] is True
     for (n, p), (_, q) in zip(cskv_parameters(student), cskv_parameters(student2)):
         assert torch.equal(p, q), n
     # Other densities reuse the activation statistics but not the factors.
-    t3 = CSKVTransformation({**settings, "key_density": 0.5})
+    t3 = CSKV({**settings, "key_density": 0.5})
     t3.calibrate(t3.build_student(base), iter(batches))
     assert t3.calibration_info["factors_cached"] is False and t3.calibration_info["stats_cached"] is True
 
@@ -286,14 +286,14 @@ def test_asvd_calibration_matches_reference_and_is_cached(tmp_path):
 )
 def test_bad_settings_name_the_field(settings, field):
     with pytest.raises(SwiftKVInputError, match=field):
-        CSKVTransformation(settings)
+        CSKV(settings)
 
 
 def test_per_layer_densities_must_match_the_layer_count():
     base, _ = load_pretrained("random:tiny")
     with pytest.raises(SwiftKVInputError, match="key_density_per_layer has 3 entries but the model has 4"):
-        CSKVTransformation(dict(key_density_per_layer=[0.5, 0.5, 0.5])).build_student(base)
-    student = CSKVTransformation(dict(key_density_per_layer=[1.0, 0.5, 0.25, 0.125], init="svd")).build_student(base)
+        CSKV(dict(key_density_per_layer=[0.5, 0.5, 0.5])).build_student(base)
+    student = CSKV(dict(key_density_per_layer=[1.0, 0.5, 0.25, 0.125], init="svd")).build_student(base)
     assert [layer.self_attn.k_proj_a.out_features for layer in student.model.layers] == [32, 16, 8, 4]
     assert CSKVConfig().value_density == 0.5 and CSKVConfig().window == 32
 
@@ -378,7 +378,7 @@ def test_harness_decoding_loop_uses_the_compressed_cache(quant_bits):
     CSKVCache the model fills (model.new_cache()), so its tokens equal model.generate's."""
     from swiftkv_train.models.tiny import random_model
     from swiftkv_train.policies.generate import greedy_generate
-    from swiftkv_train.transformations.cskv import to_cskv
+    from swiftkv_train.methods.cskv import to_cskv
 
     torch.manual_seed(0)
     model = to_cskv(random_model("tiny", dtype=torch.float32),

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from swiftkv_train.cache_stats import cache_nbytes
-from swiftkv_train.models.llama_cskv.cache_llama_cskv import CSKVCacheLayer
+from swiftkv_train.methods.cskv.remote_code.cache_llama_cskv import CSKVCacheLayer
 from swiftkv_train.models.tiny import random_model
-from swiftkv_train.models.llama_cskv.quant_llama_cskv import (
+from swiftkv_train.remote_code.quant_llama_cskv import (
     dequantize_key_blocks,
     dequantize_values,
     fake_quant_keys,
@@ -18,7 +18,7 @@ from swiftkv_train.models.llama_cskv.quant_llama_cskv import (
     quantize_values,
     unpack_codes,
 )
-from swiftkv_train.transformations.cskv import CSKVTransformation
+from swiftkv_train.methods.cskv import CSKV
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -120,7 +120,7 @@ def wide_model():
 )
 def test_cache_bytes_per_token_match_the_claim(wide_model, bits, claimed_codes_ratio, expected_total_ratio):
     window, group, batch = 32, 32, 2
-    t = CSKVTransformation(dict(key_density=0.2, value_density=0.2, window=window, quant_bits=bits,
+    t = CSKV(dict(key_density=0.2, value_density=0.2, window=window, quant_bits=bits,
                                 quant_group_size=group, init="svd"))
     student = t.build_student(wide_model)
     config = student.config

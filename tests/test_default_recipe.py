@@ -12,7 +12,7 @@ import torch
 from swiftkv_train.__main__ import print_report
 from swiftkv_train.export import save_hf
 from swiftkv_train.models import load_pretrained
-from swiftkv_train.transform import to_swiftkv
+from swiftkv_train.methods.swiftkv import to_swiftkv
 
 EVALS = {"start": {"kl": 0.97, "top1": 0.62, "ppl_student": 9.71, "ppl_teacher": 3.82},
          "end": {"kl": 0.25, "top1": 0.80, "ppl_student": 4.50, "ppl_teacher": 3.82}}

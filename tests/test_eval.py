@@ -16,7 +16,7 @@ from swiftkv_train.eval import evaluate, make_config
 from swiftkv_train.eval.needle import NEEDLE, PASSKEY, build_prompt, haystack_ids, score_answer, template_parts
 from swiftkv_train.models import load_pretrained
 from swiftkv_train.models.tiny import random_model
-from swiftkv_train.transform import to_swiftkv
+from swiftkv_train.methods.swiftkv import to_swiftkv
 
 ESSAY = (
     "How to start a startup. You need three things to create a successful startup: to start with good people, "
@@ -322,7 +322,7 @@ def test_lm_eval_gsm8k_task_from_local_data(tiny, tmp_path):
 
 def test_fidelity_of_a_cskv_model_scores_the_compressed_path(tmp_path):
     """teacher=self works for CSKV too, and fidelity measures the compressed cache, not the exact prefill."""
-    from swiftkv_train.transformations.cskv import CSKVConfig, to_cskv
+    from swiftkv_train.methods.cskv import CSKVConfig, to_cskv
 
     texts = tmp_path / "texts"
     texts.mkdir()

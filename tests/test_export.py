@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from swiftkv_train.export import save_hf
 from swiftkv_train.models import load_pretrained
-from swiftkv_train.transform import swiftkv_parameters, to_swiftkv
+from swiftkv_train.methods.swiftkv import swiftkv_parameters, to_swiftkv
 
 from helpers import run_loader
 

@@ -191,7 +191,7 @@ def policy_cases():
 
 def policy_models():
     from swiftkv_train.models.tiny import random_model
-    from swiftkv_train.transformations.locret import LocretConfig, to_locret
+    from swiftkv_train.methods.locret import LocretConfig, to_locret
 
     base = random_model("tiny", seed=0).eval()
     locret = to_locret(random_model("tiny", seed=0),

@@ -22,9 +22,9 @@ alias_kernels_package()
 
 from swiftkv_kernels import cskv_decode  # noqa: E402
 from swiftkv_kernels.cskv_decode import cskv_decode_attention, cskv_decode_reference  # noqa: E402
-from swiftkv_train.models.llama_cskv import LlamaCSKVConfig, LlamaCSKVForCausalLM  # noqa: E402
-from swiftkv_train.models.llama_cskv import modeling_llama_cskv as modeling  # noqa: E402
-from swiftkv_train.models.llama_cskv.cache_llama_cskv import CSKVCacheLayer  # noqa: E402
+from swiftkv_train.methods.cskv.remote_code import LlamaCSKVConfig, LlamaCSKVForCausalLM  # noqa: E402
+from swiftkv_train.methods.cskv.remote_code import modeling_llama_cskv as modeling  # noqa: E402
+from swiftkv_train.methods.cskv.remote_code.cache_llama_cskv import CSKVCacheLayer  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -347,7 +347,7 @@ sys.path.insert(0, "tests")
 from swiftkv_kernels import cskv_decode as cd
 from test_kernel_cskv_decode import (_cache_kwargs, _factors, _filled_layer, _inv_freq, _left_padded_prompts,
                                      _tiny_cskv_model)
-from swiftkv_train.models.llama_cskv import modeling_llama_cskv as modeling
+from swiftkv_train.methods.cskv.remote_code import modeling_llama_cskv as modeling
 assert cd.kernel_available(torch.zeros(1)) and cd.kernel_available(torch.zeros(1, dtype=torch.bfloat16))
 
 def as64(kwargs):

@@ -25,8 +25,8 @@ alias_kernels_package()
 
 from swiftkv_kernels import locret_evict as evict_module  # noqa: E402
 from swiftkv_kernels.locret_evict import kept_indices_reference, locret_evict, locret_evict_reference  # noqa: E402
-from swiftkv_train.models.llama_locret import cache_llama_locret  # noqa: E402
-from swiftkv_train.models.llama_locret.cache_llama_locret import LocretLayer, evict_entries_torch  # noqa: E402
+from swiftkv_train.methods.locret.remote_code import cache_llama_locret  # noqa: E402
+from swiftkv_train.methods.locret.remote_code.cache_llama_locret import LocretLayer, evict_entries_torch  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 SMALL_LOCRET = dict(head_hidden_size=32, budget=64, chunk_size=16, stabilizers=4, n_local=8)
@@ -245,7 +245,7 @@ def test_fused_bad_arguments_raise():
 @pytest.fixture(scope="module")
 def tiny_locret():
     from swiftkv_train.models import load_pretrained
-    from swiftkv_train.transformations.locret import LocretConfig, to_locret
+    from swiftkv_train.methods.locret import LocretConfig, to_locret
 
     base, _ = load_pretrained("random:smollm2-tiny")
     model = to_locret(base, LocretConfig(**SMALL_LOCRET)).eval()
@@ -297,7 +297,7 @@ def test_export_ships_the_kernel(tiny_locret, tmp_path):
 
 
 def test_use_kernels_config_flag_round_trips():
-    from swiftkv_train.models.llama_locret import LlamaLocretConfig
+    from swiftkv_train.methods.locret.remote_code import LlamaLocretConfig
 
     assert LlamaLocretConfig().use_kernels is True
     config = LlamaLocretConfig(use_kernels=False)
@@ -404,8 +404,8 @@ print("FUSED_OK")
 
 # Model level: the cache evicts with the kernel (use_kernels=True) and keeps exactly what the reference keeps.
 from swiftkv_train.models import load_pretrained
-from swiftkv_train.models.llama_locret import cache_llama_locret
-from swiftkv_train.transformations.locret import LocretConfig, to_locret
+from swiftkv_train.methods.locret.remote_code import cache_llama_locret
+from swiftkv_train.methods.locret import LocretConfig, to_locret
 base, _ = load_pretrained("random:smollm2-tiny")
 model = to_locret(base, LocretConfig(head_hidden_size=32, budget=40, chunk_size=16, stabilizers=4, n_local=4)).eval()
 with torch.no_grad():

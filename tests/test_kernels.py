@@ -58,7 +58,7 @@ def _kv_inputs(batch, seq, hidden, groups, kv_heads, head_dim, dtype, device, co
 
 def _tiny_swiftkv(m=2, g=1):
     from swiftkv_train.models import load_pretrained
-    from swiftkv_train.transform import to_swiftkv
+    from swiftkv_train.methods.swiftkv import to_swiftkv
 
     torch.manual_seed(0)
     base = load_pretrained("random:tiny-7l")[0]
@@ -352,7 +352,7 @@ def test_gpu_swiftkv_model_with_fused_layer_ops_matches_torch_path(monkeypatch):
     student = _tiny_swiftkv(m=2, g=1).to(DEV, torch.bfloat16).eval()
     ids = torch.randint(0, student.config.vocab_size, (2, 57), device=DEV)
     calls = {"rms_norm": 0, "silu_mul": 0}
-    from swiftkv_train.models.llama_swiftkv import modeling_llama_swiftkv as modeling
+    from swiftkv_train.methods.swiftkv.remote_code import modeling_llama_swiftkv as modeling
 
     for name in calls:
         original = getattr(modeling, name)

@@ -9,7 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from swiftkv_train import SwiftKVInputError
 from swiftkv_train.models import load_pretrained
 from swiftkv_train.models import loading
-from swiftkv_train.transform import to_swiftkv
+from swiftkv_train.methods.swiftkv import to_swiftkv
 
 
 def test_random_presets_load_with_tokenizer():

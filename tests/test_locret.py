@@ -12,9 +12,9 @@ from swiftkv_train.cache_stats import cache_nbytes
 from swiftkv_train.errors import SwiftKVInputError
 from swiftkv_train.export import save_hf
 from swiftkv_train.models import load_pretrained
-from swiftkv_train.transformations.locret import (
+from swiftkv_train.methods.locret import (
     LocretConfig,
-    LocretTransformation,
+    Locret,
     locret_labels,
     prefill_peak,
     to_locret,
@@ -268,7 +268,7 @@ def test_stabilizers_and_local_tokens_are_never_evicted(locret_model, monkeypatc
 def test_training_steps_reduce_loss_and_change_only_heads(gqa_base):
     base, _ = gqa_base
     before = {name: p.detach().clone() for name, p in base.named_parameters()}
-    transformation = LocretTransformation(dict(SMALL, smoothness_weight=0.01))
+    transformation = Locret(dict(SMALL, smoothness_weight=0.01))
     student = transformation.build_student(base)
     trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     assert trainable and all(".retaining_head." in n for n, _ in trainable)
@@ -552,7 +552,7 @@ def test_stored_entries_are_within_half_a_step_of_the_exact_ones(locret_model, b
 def test_current_chunk_is_exact_then_quantized(locret_model, monkeypatch):
     """While a step is processed its entries are attended at full precision (the stored ones dequantized); after
     the layer's eviction the survivors are quantized into the store and nothing stays at full precision."""
-    from swiftkv_train.models.llama_locret import cache_llama_locret
+    from swiftkv_train.methods.locret.remote_code import cache_llama_locret
 
     model, _, _ = locret_model
     bits, group, dim = 4, 3, model.config.head_dim

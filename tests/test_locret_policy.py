@@ -6,7 +6,7 @@ import torch
 from swiftkv_train.models import load_pretrained
 from swiftkv_train.policies import LearnedScorePolicy, greedy_generate
 from swiftkv_train.policies.locret import locret_policy, locret_scores
-from swiftkv_train.transformations.locret import LocretConfig, to_locret
+from swiftkv_train.methods.locret import LocretConfig, to_locret
 
 
 @pytest.fixture(scope="module")

@@ -13,23 +13,23 @@ import torch
 import transformers
 from transformers import LlamaForCausalLM, LlamaModel
 
-from swiftkv_train.models import transformers_compat
+from swiftkv_train.remote_code import transformers_compat
 from swiftkv_train.models.tiny import random_model
-from swiftkv_train.transform import to_swiftkv
-from swiftkv_train.transformations.cskv import CSKVConfig, to_cskv
-from swiftkv_train.transformations.locret import LocretConfig, to_locret
+from swiftkv_train.methods.swiftkv import to_swiftkv
+from swiftkv_train.methods.cskv import CSKVConfig, to_cskv
+from swiftkv_train.methods.locret import LocretConfig, to_locret
 
 MODEL_FILES = [
-    "swiftkv_train.models.transformers_compat",
-    "swiftkv_train.models.llama_swiftkv.configuration_llama_swiftkv",
-    "swiftkv_train.models.llama_swiftkv.modeling_llama_swiftkv",
-    "swiftkv_train.models.llama_cskv.configuration_llama_cskv",
-    "swiftkv_train.models.llama_cskv.modeling_llama_cskv",
-    "swiftkv_train.models.llama_cskv.cache_llama_cskv",
-    "swiftkv_train.models.llama_cskv.quant_llama_cskv",
-    "swiftkv_train.models.llama_locret.configuration_llama_locret",
-    "swiftkv_train.models.llama_locret.modeling_llama_locret",
-    "swiftkv_train.models.llama_locret.cache_llama_locret",
+    "swiftkv_train.remote_code.transformers_compat",
+    "swiftkv_train.methods.swiftkv.remote_code.configuration_llama_swiftkv",
+    "swiftkv_train.methods.swiftkv.remote_code.modeling_llama_swiftkv",
+    "swiftkv_train.methods.cskv.remote_code.configuration_llama_cskv",
+    "swiftkv_train.methods.cskv.remote_code.modeling_llama_cskv",
+    "swiftkv_train.methods.cskv.remote_code.cache_llama_cskv",
+    "swiftkv_train.remote_code.quant_llama_cskv",
+    "swiftkv_train.methods.locret.remote_code.configuration_llama_locret",
+    "swiftkv_train.methods.locret.remote_code.modeling_llama_locret",
+    "swiftkv_train.methods.locret.remote_code.cache_llama_locret",
     "swiftkv_train.models.varlen_attention",
 ]
 

@@ -23,7 +23,7 @@ from swiftkv_train.policies import (
 from swiftkv_train.policies import attention as policy_attention_mod
 from swiftkv_train.policies.baselines import gumbel_noise, keyformer_noise_seed
 from swiftkv_train.policies.cache import _ACTIVE
-from swiftkv_train.transform import to_swiftkv
+from swiftkv_train.methods.swiftkv import to_swiftkv
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from swiftkv_train.export import save_hf
 from swiftkv_train.models import load_pretrained
-from swiftkv_train.transform import to_swiftkv
+from swiftkv_train.methods.swiftkv import to_swiftkv
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "push_to_hub.py"
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from swiftkv_train.transform import to_swiftkv
+from swiftkv_train.methods.swiftkv import to_swiftkv
 
 pytestmark = pytest.mark.slow
 

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from swiftkv_train.config import SwiftKVConfig
+from swiftkv_train.methods.swiftkv import SwiftKVConfig
 from swiftkv_train.errors import SwiftKVInputError
 from swiftkv_train.models import load_pretrained
-from swiftkv_train.transform import to_swiftkv
-from swiftkv_train.transform.swiftkv_calibration import least_squares_kv_init
-from swiftkv_train.transformations.swiftkv import SwiftKVTransformation
+from swiftkv_train.methods.swiftkv import to_swiftkv
+from swiftkv_train.methods.swiftkv.calibrate import least_squares_kv_init
+from swiftkv_train.methods.swiftkv import SwiftKV
 
 
 def rms_norm(x, weight, eps):
@@ -86,7 +86,7 @@ def test_transformation_calibrates_only_when_asked():
     batches = batches_of([40, 40, 40, 40])
     weights = {}
     for init in ("mean", "least_squares"):
-        t = SwiftKVTransformation(SwiftKVConfig(num_key_value_layers=2, kv_init=init, calibration_batches=1))
+        t = SwiftKV(SwiftKVConfig(num_key_value_layers=2, kv_init=init, calibration_batches=1))
         student = t.build_student(base)
         t.calibrate(student, iter(batches))
         weights[init] = student.model.layers[4].self_attn.k_proj_swiftkv.weight.clone()
@@ -104,7 +104,7 @@ def test_transformation_calibrates_only_when_asked():
 def test_bad_settings_name_the_field(cfg, field):
     base, _ = load_pretrained("random:tiny-7l", dtype=torch.float32)
     with pytest.raises(SwiftKVInputError, match=field):
-        SwiftKVTransformation(SwiftKVConfig(num_key_value_layers=2, **cfg)).build_student(base)
+        SwiftKV(SwiftKVConfig(num_key_value_layers=2, **cfg)).build_student(base)
 
 
 def test_bad_ridge_and_bias_are_refused():

@@ -8,7 +8,7 @@ from transformers import DynamicCache, LlamaForCausalLM
 
 from swiftkv_train.cache_stats import cache_nbytes
 from swiftkv_train.models import load_pretrained
-from swiftkv_train.transform import swiftkv_parameters, to_swiftkv
+from swiftkv_train.methods.swiftkv import swiftkv_parameters, to_swiftkv
 
 torch.manual_seed(0)
 

@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from swiftkv_train.config import SwiftKVConfig
+from swiftkv_train.methods.swiftkv import SwiftKVConfig
 from swiftkv_train.losses import kl_mask_from_labels, naive_kl_loss
 from swiftkv_train.models import load_pretrained
-from swiftkv_train.transformations.swiftkv import SwiftKVTransformation
+from swiftkv_train.methods.swiftkv import SwiftKV
 
 
 def setup(m=3, g=2, **cfg):
     base, _ = load_pretrained("random:tiny-7l")
-    t = SwiftKVTransformation(SwiftKVConfig(num_key_value_layers=m, key_value_group_size=g, **cfg))
+    t = SwiftKV(SwiftKVConfig(num_key_value_layers=m, key_value_group_size=g, **cfg))
     student = t.build_student(base).train()
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, (2, 20), generator=gen)

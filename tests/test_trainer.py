@@ -169,9 +169,9 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
 
 
 def test_divergence_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    from swiftkv_train.transformations.swiftkv import SwiftKVTransformation
+    from swiftkv_train.methods.swiftkv import SwiftKV
 
-    real_loss = SwiftKVTransformation.loss
+    real_loss = SwiftKV.loss
     calls = {"n": 0}
 
     def poisoned(self, student, batch):
@@ -181,7 +181,7 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp
             out["loss"] = out["loss"] * float("nan")
         return out
 
-    monkeypatch.setattr(SwiftKVTransformation, "loss", poisoned)
+    monkeypatch.setattr(SwiftKV, "loss", poisoned)
     with pytest.raises(TrainingDivergedError, match="loss is nan at step 4.*step_0000002"):
         run_training(make_cfg(tmp_path, "trainer.save_every=2", "trainer.max_steps=6"))
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_0000002"

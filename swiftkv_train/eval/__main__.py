@@ -1,7 +1,7 @@
 """`python -m swiftkv_train.eval model=<spec> [teacher=<spec>|self] suite=<...> out_dir=<dir> key=value ...`
 
-Loads the model (any `load_pretrained` spec or export dir), optionally converts it to SwiftKV on the fly
-(``swiftkv.num_key_value_layers=M``), loads the teacher, runs the suites and writes results.json, results.md
+Loads the model (any `load_pretrained` spec or export dir), optionally converts it with a method on the fly
+(``transform.name=<method> transform.<method>.<setting>=...``, the recipes' keys), loads the teacher, runs the suites and writes results.json, results.md
 and PNG plots to ``out_dir`` (Hydra writes nothing else there and never changes directory).
 """
 
@@ -43,6 +43,20 @@ def _load(spec: str, device, dtype, what: str):
     return model.to(device).eval(), tokenizer
 
 
+def check_moved_keys(args: list[str]) -> None:
+    """The on-the-fly conversion moved from ``<method>.<setting>=`` to the recipes' ``transform.*`` keys: an old
+    override fails naming the new spelling (Hydra's own error would only say the key is unknown)."""
+    from ..methods import METHODS
+
+    for arg in args:
+        key, _, value = arg.lstrip("+~").partition("=")
+        method = key.split(".", 1)[0]
+        if "." in key and method in METHODS:
+            raise SwiftKVInputError(
+                f"{key}={value} was replaced by: transform.name={method} transform.{key}={value}"
+            )
+
+
 def run(cfg: DictConfig) -> dict:
     from .api import evaluate, parse_suites
 
@@ -52,13 +66,12 @@ def run(cfg: DictConfig) -> dict:
         torch.set_num_threads(cfg.cpu_threads)
     model, tokenizer = _load(cfg.model, device, dtype, "model")
     name = Path(cfg.model).name if Path(cfg.model).expanduser().exists() else cfg.model
-    if cfg.swiftkv.num_key_value_layers is not None:
-        from ..transform import to_swiftkv
+    if cfg.transform.name is not None:
+        from ..methods import build_method
 
-        model = to_swiftkv(model, cfg.swiftkv.num_key_value_layers, cfg.swiftkv.key_value_group_size).eval()
-        name = f"{name} SwiftKV M={cfg.swiftkv.num_key_value_layers}"
-        if cfg.swiftkv.key_value_group_size > 1:
-            name += f" g={cfg.swiftkv.key_value_group_size}"
+        method = build_method(cfg.transform)
+        model = method.build_student(model).eval()
+        name = f"{name} {method.describe(model.config)}"
     teacher = teacher_tokenizer = None
     if cfg.teacher == "self":
         teacher = "self"
@@ -85,4 +98,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:
+        check_moved_keys(sys.argv[1:])
+    except SwiftKVInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -20,7 +20,7 @@ from .lm_eval_suite import run_lm_eval
 from .needle import NEEDLE, PASSKEY, run_retrieval
 from .plots import write_plots
 from .report import write_results
-from .subjects import Subject, mode_switch, teacher_of
+from .subjects import Subject, has_mode_switch, teacher_of
 
 __all__ = ["evaluate", "make_config", "parse_suites", "policies_from_config"]
 
@@ -92,7 +92,7 @@ def _meta(cfg, subjects: list[Subject]) -> dict:
         "device": str(model.device), "dtype": str(next(model.parameters()).dtype),
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "models": {s.name: {"class": type(s.model).__name__, "layers": s.model.config.num_hidden_layers,
-                            "swiftkv_mode": s.swiftkv,
+                            "student_mode": s.student,
                             "num_key_value_layers": getattr(s.model.config, "num_key_value_layers", None)}
                    for s in subjects},
     }
@@ -121,23 +121,23 @@ def evaluate(model, tokenizer, suites="fidelity", teacher=None, teacher_tokenize
              **overrides) -> dict:
     """Run ``suites`` on ``model`` and return (and, with ``out_dir``, write) every number and its settings.
 
-    ``teacher``: a model object, or ``"self"`` for a SwiftKV model (its ``swiftkv(False)`` mode). ``config``: an
+    ``teacher``: a model object, or ``"self"`` for a model that can run as the original it was made from. ``config``: an
     EvalConfig / dict; keyword ``overrides`` use the same keys (e.g. ``fidelity={"window": 256}``).
-    A SwiftKV model is evaluated in SwiftKV mode. Fidelity needs a teacher (skipped with the reason otherwise).
+    A transformed model is evaluated in its student mode. Fidelity needs a teacher (skipped with the reason otherwise).
     Cache policies (``policies.names``) apply to the generation suites (needle, passkey, efficiency).
     """
     cfg = make_config(config, **overrides)
     names = parse_suites(suites)
     if tokenizer is None:
         raise SwiftKVInputError("evaluate() needs the model's tokenizer (the model directory has none?).")
-    student = Subject(model_name, model, tokenizer, swiftkv=True if mode_switch(model) else None)
+    student = Subject(model_name, model, tokenizer, student=True if has_mode_switch(model) else None)
     subjects = [student]
     teacher_subject = None
     if isinstance(teacher, str) and teacher == "self":
         teacher_subject = teacher_of(student)
     elif teacher is not None:
         teacher_subject = Subject(teacher_name, teacher, teacher_tokenizer or tokenizer,
-                                  swiftkv=False if mode_switch(teacher) else None)
+                                  student=False if has_mode_switch(teacher) else None)
     if teacher_subject is not None:
         if teacher_subject.model.config.vocab_size != model.config.vocab_size:
             raise SwiftKVInputError(
@@ -157,7 +157,7 @@ def evaluate(model, tokenizer, suites="fidelity", teacher=None, teacher_tokenize
     for suite in names:
         if suite == "fidelity":
             if teacher_subject is None:
-                results["skipped"]["fidelity"] = "no teacher: pass teacher=<spec> (or teacher=self for SwiftKV)"
+                results["skipped"]["fidelity"] = "no teacher: pass teacher=<spec> (or teacher=self for a model that keeps its original mode)"
                 continue
             results["fidelity"] = [run_fidelity(student, teacher_subject, cfg.fidelity, progress)]
         elif suite in ("needle", "passkey"):

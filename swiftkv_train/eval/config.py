@@ -8,15 +8,13 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from ..methods import transform_schema
+
 SUITES = ("fidelity", "needle", "passkey", "lm_eval", "efficiency")
 PG_ESSAYS = "/work/shared/data/pg_essays"
 
-
-@dataclass
-class SwiftKVConvertConfig:
-    # Convert the loaded model to SwiftKV on the fly (no training): M and the AcrossKV group size. null = no.
-    num_key_value_layers: int | None = None
-    key_value_group_size: int = 1
+# ``transform`` of the eval CLI: like a recipe's, but optional (name null = evaluate the model as loaded).
+EvalTransformConfig = transform_schema(None)
 
 
 @dataclass
@@ -98,7 +96,9 @@ class EvalConfig:
     progress: bool = True
     cpu_threads: int | None = None  # torch.set_num_threads on CPU (null = torch's default)
     plots: bool = True
-    swiftkv: SwiftKVConvertConfig = field(default_factory=SwiftKVConvertConfig)
+    # Convert the loaded model with a method on the fly (no training), with the training recipes' keys:
+    # transform.name=<method> transform.<method>.<setting>=... (null = evaluate the model as loaded).
+    transform: EvalTransformConfig = field(default_factory=EvalTransformConfig)
     policies: PolicyConfig = field(default_factory=PolicyConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     needle: NeedleConfig = field(default_factory=NeedleConfig)

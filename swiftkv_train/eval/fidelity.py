@@ -39,11 +39,7 @@ def token_windows(texts: list[str], tokenizer, window: int, num_windows: int | N
 @torch.no_grad()
 def _logits(subject: Subject, ids: torch.Tensor) -> torch.Tensor:
     with subject.active() as model:
-        extra = {}
-        if getattr(model.config, "cskv", False):
-            # CSKV attends exactly over a prompt; score every position as decoded from the compressed cache.
-            extra["cskv_decode_from"] = 0
-        return model(input_ids=ids.to(model.device), use_cache=False, **extra).logits.float()
+        return model(input_ids=ids.to(model.device), use_cache=False, **subject.scoring_kwargs()).logits.float()
 
 
 def check_config(subject: Subject, cfg) -> list[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""What gets evaluated: a model object, a display name, and (for SwiftKV) the mode to run it in."""
+"""What gets evaluated: a model object, a display name, and the mode to run it in (student or its own teacher)."""
 
 from __future__ import annotations
 
@@ -6,54 +6,60 @@ import contextlib
 from dataclasses import dataclass
 
 from ..errors import SwiftKVInputError
+from ..methods import method_of
 
-__all__ = ["Subject", "teacher_of", "max_positions"]
+__all__ = ["Subject", "teacher_of", "max_positions", "has_mode_switch"]
 
 
 @dataclass
 class Subject:
-    """A model under evaluation. ``swiftkv`` = the SwiftKV mode to switch to while it runs (None = leave as is),
-    so one SwiftKV model object can serve as both student and teacher (``teacher=self``)."""
+    """A model under evaluation. ``student`` = the mode to switch to while it runs (True: the method's student,
+    False: the original model it was made from; None = leave as is), so one model object can serve as both
+    student and teacher (``teacher=self``). The model's method (methods.method_of) does the switching."""
 
     name: str
     model: object
     tokenizer: object
-    swiftkv: bool | None = None
+    student: bool | None = None
 
     @contextlib.contextmanager
     def active(self):
-        toggle = mode_switch(self.model)
-        if self.swiftkv is None or toggle is None:
+        method = method_of(self.model)
+        switch = method.mode_switch(self.model) if method is not None else None
+        if self.student is None or switch is None:
             yield self.model
             return
-        before = bool(getattr(self.model.config, toggle))
-        getattr(self.model, toggle)(self.swiftkv)
+        before = method.student_mode(self.model)
+        switch(self.student)
         try:
             yield self.model
         finally:
-            getattr(self.model, toggle)(before)
+            switch(before)
+
+    def scoring_kwargs(self) -> dict:
+        """Forward arguments that score every position as decoding from the model's cache would (see Method)."""
+        method = method_of(self.model)
+        return method.scoring_kwargs(self.model) if method is not None else {}
 
 
-def mode_switch(model) -> str | None:
-    """The method that switches a transformed model between itself and the original (same weights), if any:
-    ``swiftkv`` (SwiftKV) or ``cskv`` (CSKV). The ``Subject.swiftkv`` flag drives either."""
-    return next((name for name in ("swiftkv", "cskv") if callable(getattr(model, name, None))), None)
+def has_mode_switch(model) -> bool:
+    method = method_of(model)
+    return method is not None and method.mode_switch(model) is not None
 
 
 def teacher_of(subject: Subject) -> Subject:
-    """``teacher=self``: the same SwiftKV (or CSKV) model run as the original model (``swiftkv(False)``)."""
+    """``teacher=self``: the same model run as the original model it was made from (same weights)."""
     model = subject.model
-    if mode_switch(model) is None:
+    method = method_of(model)
+    if not has_mode_switch(model):
         raise SwiftKVInputError(
-            "teacher=self needs a SwiftKV or CSKV model (it runs model.swiftkv(False) / cskv(False)); this model has "
-            "no such mode: pass the original model as teacher=<spec> instead."
+            f"teacher=self needs a model that can run as the original it was made from; {type(model).__name__} "
+            "has no such mode: pass the original model as teacher=<spec> instead."
         )
-    if getattr(model.config, "swiftkv_lean", False):
-        raise SwiftKVInputError(
-            "teacher=self is impossible for a lean SwiftKV export (the teacher's projections were dropped); pass "
-            "teacher=<original model spec> or export with lean=False."
-        )
-    return Subject(name="teacher", model=model, tokenizer=subject.tokenizer, swiftkv=False)
+    reason = method.teacher_unavailable(model)
+    if reason:
+        raise SwiftKVInputError(f"teacher=self is impossible: {reason}.")
+    return Subject(name="teacher", model=model, tokenizer=subject.tokenizer, student=False)
 
 
 def max_positions(model) -> int | None:

@@ -9,12 +9,9 @@ Under ZeRO-3, parameters are gathered one at a time.
 """
 
 import copy
-import importlib.util
-import inspect
 import json
 import logging
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -140,62 +137,19 @@ class _SourceCheckpoint:
         self._stack.close()
 
 
-# `kernels/` of a source checkout, for when `swiftkv_kernels` is not installed (PYTHONPATH=$PWD runs).
-_REPO_KERNELS = Path(__file__).resolve().parents[2] / "kernels"
-
-
 def _copy_model_code(model: torch.nn.Module, out_dir: Path) -> dict[str, str]:
-    """Copy the model's package files (modeling, configuration, siblings) and return the ``auto_map``.
+    """Copy the files the model's method declares for its exports (its ``RemoteCode``) and return the auto_map."""
+    from ..methods import method_of  # late: the methods import the loader, which imports this module
 
-    A module the shipped code imports relatively (``from .name import ...``, inside ``try`` blocks too, as
-    transformers finds them) that is not beside it is copied in: kernel files from the ``swiftkv_kernels``
-    package (``from .swiftkv_prefill_kv import ...``), else the file of one sibling model package
-    (``swiftkv_train/models/*/``: the Locret cache imports CSKV's ``quant_llama_cskv``). Copied files are
-    scanned the same way, so their own relative imports travel too.
-    """
-    model_file = Path(inspect.getfile(type(model)))
-    config_file = Path(inspect.getfile(type(model.config)))
-    models_dir = model_file.parent.parent  # swiftkv_train/models: the sibling model packages
-
-    def find(name: str, importer: Path) -> Path:
-        try:
-            spec = importlib.util.find_spec(f"swiftkv_kernels.{name}")
-        except ImportError:  # swiftkv_kernels itself not importable (repo used without installing)
-            spec = None
-        source = Path(spec.origin) if spec is not None and spec.origin else _REPO_KERNELS / f"{name}.py"
-        if source.is_file():
-            return source
-        if (models_dir / f"{name}.py").is_file():  # shared by every model package (transformers_compat)
-            return models_dir / f"{name}.py"
-        siblings = sorted(models_dir.glob(f"*/{name}.py"))
-        if len(siblings) == 1:
-            return siblings[0]
-        if siblings:
-            raise FileNotFoundError(
-                f"{importer.name} imports .{name}: several model packages hold it "
-                f"({', '.join(s.parent.name for s in siblings)}), so the export cannot tell which to ship"
-            )
-        raise FileNotFoundError(
-            f"{importer.name} imports .{name}: found neither beside it, nor in swiftkv_kernels, nor in a model "
-            f"package under {models_dir}"
+    method = method_of(model)
+    if method is None or method.remote_code is None:
+        raise ValueError(
+            f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', None)!r}) is not a model of a "
+            "registered method: only their exports ship remote code"
         )
-
-    for src in sorted(model_file.parent.glob("*.py")):
-        if src.name != "__init__.py":
-            shutil.copyfile(src, out_dir / src.name)  # a new file: mode from the umask, not the source
-    pending = sorted(out_dir.glob("*.py"))
-    while pending:
-        src = pending.pop(0)
-        # the same pattern transformers uses to find the relative imports it will load
-        for name in re.findall(r"^\s*from\s+\.(\S+)\s+import", src.read_text(encoding="utf-8"), flags=re.MULTILINE):
-            if (out_dir / f"{name}.py").exists():
-                continue
-            shutil.copyfile(find(name, src), out_dir / f"{name}.py")
-            pending.append(out_dir / f"{name}.py")
-    return {
-        "AutoConfig": f"{config_file.stem}.{type(model.config).__name__}",
-        "AutoModelForCausalLM": f"{model_file.stem}.{type(model).__name__}",
-    }
+    for name, source in method.remote_code.sources().items():
+        shutil.copyfile(source, out_dir / name)  # a new file: mode from the umask, not the source
+    return method.remote_code.auto_map()
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:

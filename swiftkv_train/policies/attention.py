@@ -16,6 +16,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
+from ..methods import method_of_config
 from .cache import active_cache
 
 __all__ = ["POLICY_ATTENTION", "attention_rows", "cache_slot", "register"]
@@ -25,11 +26,9 @@ ROW_BLOCK = 256
 
 
 def cache_slot(module) -> int:
-    """Cache slot a layer's attention reads: its own, or its AcrossKV group's in a SwiftKV student."""
-    config, layer = module.config, module.layer_idx
-    if getattr(config, "swiftkv", False) and layer >= getattr(config, "num_key_value_layers", layer + 1):
-        return config.swiftkv_cache_slot(layer)
-    return layer
+    """Cache slot a layer's attention reads: its own, or the one its model's method makes it share."""
+    method = method_of_config(module.config)
+    return method.cache_slot(module.config, module.layer_idx) if method is not None else module.layer_idx
 
 
 def attention_rows(query, key, attention_mask, scaling: float, rows: int | None = None, row_block: int = ROW_BLOCK):

@@ -15,7 +15,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from ..errors import SwiftKVInputError
-from ..models.transformers_compat import cache_kwarg
+from ..remote_code.transformers_compat import cache_kwarg
 from . import attention
 from .base import CachePolicy
 from .cache import _ACTIVE, PolicyCache

@@ -1,6 +1,6 @@
-"""The one training loop, shared by every transformation.
+"""The one training loop, shared by every method.
 
-Set-up order: validate config -> distributed init -> load model -> build student (transformation) -> data ->
+Set-up order: validate config -> distributed init -> load model -> build student (method) -> data ->
 DeepSpeed engine -> resume. Then: eval at start, train (log, eval every N, checkpoint every N), eval at end,
 final checkpoint, exports with a model card, summary.json.
 """
@@ -23,7 +23,7 @@ from ..launch import barrier, init_distributed
 from ..metrics import FidelityAccumulator, next_token_targets
 from ..models import load_pretrained
 from ..models.loading import load_model_config, source_checkpoint_dir
-from ..transformations import build_transformation
+from ..methods import build_method, mode_switch
 from ..zero import gathered
 from . import checkpointing
 from .deepspeed_config import build_deepspeed_config
@@ -112,9 +112,9 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         barrier()
 
-        self.transformation = build_transformation(cfg.transform, cfg)
+        self.method = build_method(cfg.transform, cfg)
         # Settings that do not fit the architecture fail from the config alone, before the weights load (minutes).
-        self.transformation.check_model_config(load_model_config(cfg.model.spec))
+        self.method.check_model_config(load_model_config(cfg.model.spec))
         dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
         dtype = dtype or (torch.bfloat16 if self.bf16 else torch.float32)
         model, self.tokenizer = load_pretrained(cfg.model.spec, dtype=dtype, device=self.device,
@@ -122,23 +122,23 @@ class Trainer:
         if self.tokenizer is None:
             raise SwiftKVInputError(f"model {cfg.model.spec!r} has no tokenizer: training data needs its chat template.")
         self.base_model_name = cfg.model.spec
-        student = self.transformation.build_student(model)
+        student = self.method.build_student(model)
         del model  # the student shares its frozen tensors
 
         self.train_set, self.eval_set = build_datasets(cfg.data, self.tokenizer)
         t = cfg.trainer
         probe = make_dataloader(self.train_set, t.micro_batch_size, cfg.data.seed, self.rank, self.world_size)
         # Data-dependent initialisation (e.g. CSKV's activation-aware SVD), before the optimizer sees the weights.
-        self.transformation.calibrate(student, ({k: v.to(self.device) for k, v in b.items()} for b in probe))
+        self.method.calibrate(student, ({k: v.to(self.device) for k, v in b.items()} for b in probe))
         self.micro_per_epoch = probe.batch_sampler.steps_per_epoch
         steps_per_epoch = self.micro_per_epoch // t.gradient_accumulation_steps
         if steps_per_epoch == 0 and t.max_steps <= 0:
             raise SwiftKVInputError("one epoch has fewer micro-batches than trainer.gradient_accumulation_steps.")
         self.total_steps = t.max_steps if t.max_steps > 0 else max(1, math.floor(t.epochs * steps_per_epoch))
 
-        trainable = self.transformation.trainable_parameters(student)
+        trainable = self.method.trainable_parameters(student)
         if not trainable:
-            raise SwiftKVInputError("the transformation left no trainable parameter: nothing to train.")
+            raise SwiftKVInputError("the method left no trainable parameter: nothing to train.")
         params = [p for _, p in trainable]
         self.num_trainable = sum(p.numel() for p in params)
         optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
@@ -157,8 +157,7 @@ class Trainer:
         self.step, self.micro_step, self.evals = 0, 0, {}
         self._resume()
         peak = _peak_flops(self.device)
-        flops_fn = getattr(self.transformation, "flops_per_token", None)
-        self.flops_per_token = flops_fn(self.engine.module.config, cfg.data.max_length) if flops_fn else None
+        self.flops_per_token = self.method.flops_per_token(self.engine.module.config, cfg.data.max_length)
         self.peak_flops = peak * self.world_size if peak else None
         log.info("run dir %s | %d rank(s) on %s | %s params trainable | %d optimizer steps",
                  self.run_dir, self.world_size, self.device, f"{self.num_trainable:,}", self.total_steps)
@@ -199,7 +198,7 @@ class Trainer:
             if i >= self.cfg.trainer.eval_batches:
                 break
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            pair = self.transformation.teacher_and_student_hidden(module, batch)
+            pair = self.method.teacher_and_student_hidden(module, batch)
             if pair is None:
                 return None
             with gathered(weight):
@@ -295,7 +294,7 @@ class Trainer:
             sums: dict[str, float] = {}
             while self.step < self.total_steps:
                 batch = {k: v.to(self.device) for k, v in next(batches).items()}
-                out = self.transformation.loss(self.engine.module, batch)
+                out = self.method.loss(self.engine.module, batch)
                 self._check_finite(out["loss"])
                 self.engine.backward(out["loss"])
                 boundary = self.engine.is_gradient_accumulation_boundary()
@@ -350,7 +349,7 @@ class Trainer:
         from ..eval.api import evaluate
 
         model = self.engine.module.eval()
-        teacher = "self" if callable(getattr(model, "swiftkv", None) or getattr(model, "cskv", None)) else None
+        teacher = "self" if mode_switch(model) is not None else None
         out = self.run_dir / "eval"
         evaluate(model, self.tokenizer, list(self.cfg.trainer.harness_suites), teacher=teacher, out_dir=out,
                  model_name=self.cfg.run_name, **OmegaConf.to_container(self.cfg.trainer.harness, resolve=True))
@@ -376,7 +375,7 @@ class Trainer:
     def export(self) -> list[Path]:
         which = self.cfg.trainer.export
         kinds = {"lean": [True], "full": [False], "both": [True, False], "none": []}[which]
-        model = self.transformation.prepare_export(self.engine.module)
+        model = self.method.prepare_export(self.engine.module)
         hyper = OmegaConf.to_container(self.cfg.trainer, resolve=True)
         hyper["transform"] = chosen_transform(OmegaConf.to_container(self.cfg.transform, resolve=True))
         # the frozen (teacher) weights as stored, not the copies rounded to the training dtype

@@ -1,17 +1,13 @@
 """Build a SwiftKV model from a Llama-family model (no training: the initialisation the distillation starts from)."""
 
-import copy
-
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..errors import SwiftKVInputError
-from ..models.llama_swiftkv import LlamaSwiftKVConfig, LlamaSwiftKVForCausalLM
-from ..models.loading import check_llama_family
-
-# Fields of the source config that must not be carried over to the new model type.
-_DROP_FIELDS = ("model_type", "architectures", "auto_map", "transformers_version", "sliding_window", "dtype")
+from ...errors import SwiftKVInputError
+from ...models.loading import check_llama_family
+from ..build import build_sharing_weights, derived_config, finish_student, trainable_copy
+from .remote_code import LlamaSwiftKVConfig, LlamaSwiftKVForCausalLM
 
 
 def check_layer_split(layers: int, m, g, training: bool = False, prefix: str = "") -> None:
@@ -49,20 +45,10 @@ def swiftkv_config(source_config, num_key_value_layers: int, key_value_group_siz
     layers = source_config.num_hidden_layers
     m, g = num_key_value_layers, key_value_group_size
     check_layer_split(layers, m, g, training=training, prefix=prefix)
-    if getattr(source_config, "model_type", None) == "llama_swiftkv":
-        fields = source_config.to_dict()
-    else:
-        fields = {k: v for k, v in source_config.to_dict().items() if k not in _DROP_FIELDS}
-    fields.update(num_key_value_layers=m, key_value_group_size=g, swiftkv=True, swiftkv_lean=False)
-    for key in _DROP_FIELDS:
-        fields.pop(key, None)
-    config = LlamaSwiftKVConfig(**fields)
-    config._attn_implementation = source_config._attn_implementation
-    return config
-
-
-def _clone_param(tensor: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(tensor.detach().clone(), requires_grad=True)
+    return derived_config(
+        source_config, LlamaSwiftKVConfig, keep_all=getattr(source_config, "model_type", None) == LlamaSwiftKVConfig.model_type,
+        num_key_value_layers=m, key_value_group_size=g, swiftkv=True, swiftkv_lean=False,
+    )
 
 
 @torch.no_grad()
@@ -85,45 +71,27 @@ def to_swiftkv(
         raise SwiftKVInputError("q/k/v bias without o_proj bias (Qwen2 style) is not supported yet.")
     reference = source_layers[0].self_attn.q_proj.weight
 
-    # Build on the meta device and take the source tensors by reference: no second copy of the frozen weights.
-    with torch.device("meta"):
-        new = LlamaSwiftKVForCausalLM(config)
-    result = new.load_state_dict(model.state_dict(), strict=False, assign=True)
-    unexpected = [k for k in result.unexpected_keys if "swiftkv" not in k]
-    if unexpected:
-        raise SwiftKVInputError(f"the source model has weights the Llama layout does not: {unexpected[:5]}")
-    # Non-persistent buffers (RoPE frequencies) are not in the state dict: rebuild them for real.
-    new.model.rotary_emb = type(new.model.rotary_emb)(config=config).to(reference.device)
-    if config.tie_word_embeddings:
-        new.lm_head.weight = new.model.embed_tokens.weight
-
-    new.requires_grad_(False)
+    new = build_sharing_weights(model, config, LlamaSwiftKVForCausalLM, tolerate=lambda key: "swiftkv" in key)
     if m < layers:
-        new.model.norm_swiftkv.weight = _clone_param(new.model.layers[m].input_layernorm.weight)
+        new.model.norm_swiftkv.weight = trainable_copy(new.model.layers[m].input_layernorm.weight)
     else:  # no later layer: the norm is never used, keep it as an identity and frozen
         new.model.norm_swiftkv.weight = nn.Parameter(torch.ones_like(reference[0]), requires_grad=False)
     for leader in range(m, layers, g):
         group = range(leader, min(leader + g, layers))
         for idx in group:
             attn = new.model.layers[idx].self_attn
-            attn.q_proj_swiftkv.weight = _clone_param(attn.q_proj.weight)
+            attn.q_proj_swiftkv.weight = trainable_copy(attn.q_proj.weight)
             if attn.q_proj.bias is not None:
-                attn.q_proj_swiftkv.bias = _clone_param(attn.q_proj.bias)
+                attn.q_proj_swiftkv.bias = trainable_copy(attn.q_proj.bias)
         leader_attn = new.model.layers[leader].self_attn
         for name in ("k_proj", "v_proj"):
             target = getattr(leader_attn, f"{name}_swiftkv")
             sources = [getattr(new.model.layers[idx].self_attn, name) for idx in group]
             # Mean in fp32 so that bf16 groups do not lose precision in the sum.
-            target.weight = _clone_param(torch.stack([s.weight.float() for s in sources]).mean(0).to(reference.dtype))
+            target.weight = trainable_copy(torch.stack([s.weight.float() for s in sources]).mean(0).to(reference.dtype))
             if sources[0].bias is not None:
-                target.bias = _clone_param(torch.stack([s.bias.float() for s in sources]).mean(0).to(reference.dtype))
-
-    leftover = [name for name, t in list(new.named_parameters()) + list(new.named_buffers()) if t.is_meta]
-    if leftover:
-        raise RuntimeError(f"to_swiftkv left tensors uninitialised: {leftover[:5]}")
-    new.generation_config = copy.deepcopy(model.generation_config)
-    new.config.name_or_path = getattr(model.config, "name_or_path", "")
-    return new.train(model.training)
+                target.bias = trainable_copy(torch.stack([s.bias.float() for s in sources]).mean(0).to(reference.dtype))
+    return finish_student(new, model, "to_swiftkv")
 
 
 def swiftkv_parameters(model: LlamaSwiftKVForCausalLM) -> list[tuple[str, nn.Parameter]]:

@@ -43,12 +43,15 @@ from transformers.models.llama.modeling_llama import (
 
 from .cache_llama_cskv import CSKVCache, CSKVCacheLayer
 from .configuration_llama_cskv import LlamaCSKVConfig
-from .quant_llama_cskv import fake_quant_keys, fake_quant_values
 
 try:  # beside this file in an export, one level up in the package
     from .transformers_compat import CACHE_ARG, accepts_legacy_cache_name, cache_kwarg, output_cache
 except ImportError:
-    from swiftkv_train.models.transformers_compat import CACHE_ARG, accepts_legacy_cache_name, cache_kwarg, output_cache
+    from swiftkv_train.remote_code.transformers_compat import CACHE_ARG, accepts_legacy_cache_name, cache_kwarg, output_cache
+try:  # the shared KV quantizer, likewise
+    from .quant_llama_cskv import fake_quant_keys, fake_quant_values
+except ImportError:
+    from swiftkv_train.remote_code.quant_llama_cskv import fake_quant_keys, fake_quant_values
 
 try:  # Decode attention over the compressed cache: beside this file in an export, from swiftkv_kernels otherwise.
     from .cskv_decode import cskv_decode_attention, kernel_available

@@ -1,9 +1,10 @@
 """The Locret Llama model (trained retaining heads + budgeted chunked prefill); the sibling files are also what
 an export ships for trust_remote_code."""
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from pathlib import Path
 
-from ...errors import SwiftKVInputError
+from ....remote_code import RemoteCode
+from ....errors import SwiftKVInputError
 from . import configuration_llama_locret
 from .cache_llama_locret import LocretCache, LocretLayer
 from .configuration_llama_locret import LlamaLocretConfig, LocretSettings, validate_locret_settings
@@ -13,18 +14,19 @@ from .modeling_llama_locret import LlamaLocretForCausalLM, LlamaLocretModel
 # which cannot import swiftkv_train and keep their own LocretSettingsError).
 configuration_llama_locret.LocretSettingsError = SwiftKVInputError
 
-
-def _register():
-    try:
-        AutoConfig.register(LlamaLocretConfig.model_type, LlamaLocretConfig)
-        AutoModelForCausalLM.register(LlamaLocretConfig, LlamaLocretForCausalLM)
-    except ValueError:  # already registered (module re-imported)
-        pass
-
-
-_register()
+# What an export of this model ships (see swiftkv_train/remote_code): this package's files, the shared ones and
+# the kernels they import.
+REMOTE_CODE = RemoteCode(
+    package_dir=Path(__file__).resolve().parent,
+    own=("cache_llama_locret.py", "configuration_llama_locret.py", "modeling_llama_locret.py"),
+    config_class="configuration_llama_locret.LlamaLocretConfig",
+    model_class="modeling_llama_locret.LlamaLocretForCausalLM",
+    common=("quant_llama_cskv.py", "transformers_compat.py"),
+    kernels=("locret_evict.py",),
+)
 
 __all__ = [
+    "REMOTE_CODE",
     "LlamaLocretConfig",
     "LlamaLocretForCausalLM",
     "LlamaLocretModel",

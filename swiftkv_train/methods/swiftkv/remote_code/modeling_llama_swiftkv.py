@@ -36,7 +36,7 @@ from .configuration_llama_swiftkv import LlamaSwiftKVConfig
 try:  # beside this file in an export, one level up in the package
     from .transformers_compat import accepts_legacy_cache_name, cache_kwarg, output_cache
 except ImportError:
-    from swiftkv_train.models.transformers_compat import accepts_legacy_cache_name, cache_kwarg, output_cache
+    from swiftkv_train.remote_code.transformers_compat import accepts_legacy_cache_name, cache_kwarg, output_cache
 
 try:  # Fused prefill kernels: beside this file in an export, from the swiftkv_kernels package otherwise.
     from .swiftkv_prefill_kv import concat_swiftkv_kv_weights, fused_swiftkv_kv, kernel_available, rms_norm, silu_mul

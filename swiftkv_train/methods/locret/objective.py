@@ -26,161 +26,17 @@ sample per step); gradient clipping by value 0.5 (DeepSpeed clips by norm: 0.5-1
 seed 0. Only the heads train, so ZeRO-2 suffices.
 """
 
-import copy
-from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache_stats import cache_nbytes
-from ..errors import SwiftKVInputError
-from ..models.llama_locret import LlamaLocretConfig, LlamaLocretForCausalLM, LocretSettings, validate_locret_settings
-from ..models.llama_locret.modeling_llama_locret import LocretRetainingHead, apply_rope
-from .base import Transformation
-
-# Source model types a Locret student can be built from.
-SOURCE_TYPES = ("llama", "mistral", "llama_locret")
-# Fields of the source config that must not be carried over to the new model type.
-_DROP_FIELDS = ("model_type", "architectures", "auto_map", "transformers_version", "sliding_window", "dtype")
-_INFERENCE_FIELDS = (
-    "budget", "chunk_size", "stabilizers", "n_local", "position_mode", "decode_eviction", "quant_bits",
-    "quant_group_size",
-)
+from ...errors import SwiftKVInputError
+from .config import LocretConfig
+from .remote_code import LlamaLocretForCausalLM
+from .remote_code.modeling_llama_locret import apply_rope
 
 
-@dataclass
-class LocretConfig:
-    """The Locret transformation's settings (``transform.locret`` in the run config); the paper's defaults.
-
-    Training: ``head_hidden_size`` (retaining head width, 1024), ``smoothness_weight`` (lambda, 0.0025),
-    ``label_chunk_size`` (tile of the answer x prefix logits, 1024), ``head_init_seed``, ``top_fraction`` (the
-    logged overlap of the predicted and true top-10% prefix tokens).
-    Inference, written into the exported model's config: ``budget`` (entries kept per layer and KV head, local
-    tokens included; the paper's Llama-3.1-8B setting is 16384 + 100 local), ``chunk_size`` 1024,
-    ``stabilizers`` 2500, ``n_local`` 100, ``position_mode`` "compacted" (the paper's: keys cached before RoPE and
-    re-rotated at positions 0..len(cache)-1, so positions never exceed budget + chunk + generated tokens and
-    prompts longer than the model's trained context stay in its position range; "original" keeps true positions,
-    exact relative distances but positions up to the prompt length), ``decode_eviction`` False (the paper's),
-    ``quant_bits`` None (the paper's; 2, 4 or 8: evict, then store the surviving entries quantized with CSKV's
-    group-wise quantizer, per token in groups of ``quant_group_size`` (32) channels along head_dim).
-    """
-
-    head_hidden_size: int = 1024
-    smoothness_weight: float = 0.0025
-    label_chunk_size: int = 1024
-    head_init_seed: int = 0
-    top_fraction: float = 0.1
-    budget: int = 16484
-    chunk_size: int = 1024
-    stabilizers: int = 2500
-    n_local: int = 100
-    position_mode: str = "compacted"
-    decode_eviction: bool = False
-    quant_bits: int | None = None
-    quant_group_size: int = 32
-
-    @classmethod
-    def from_node(cls, node) -> "LocretConfig":
-        """From a LocretConfig, a mapping (dict, OmegaConf node) or None (defaults); unknown keys are errors."""
-        if isinstance(node, cls):
-            return node.validate()
-        if node is None:
-            return cls().validate()
-        items = dict(node.items()) if hasattr(node, "items") else dict(vars(node))
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(items) - known)
-        if unknown:
-            raise SwiftKVInputError(
-                f"unknown locret setting(s) {unknown}: the Locret transformation takes {', '.join(sorted(known))}."
-            )
-        return cls(**items).validate()
-
-    def settings(self) -> LocretSettings:
-        return LocretSettings(**{name: getattr(self, name) for name in _INFERENCE_FIELDS})
-
-    def validate(self) -> "LocretConfig":
-        for name in ("head_hidden_size", "label_chunk_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SwiftKVInputError(f"locret.{name}={value!r} is invalid: use an integer >= 1.")
-        if isinstance(self.smoothness_weight, bool) or not isinstance(self.smoothness_weight, (int, float)) or (
-            self.smoothness_weight < 0
-        ):
-            raise SwiftKVInputError(
-                f"locret.smoothness_weight={self.smoothness_weight!r} is invalid: use a number >= 0."
-            )
-        if not isinstance(self.top_fraction, (int, float)) or not 0 < self.top_fraction <= 1:
-            raise SwiftKVInputError(f"locret.top_fraction={self.top_fraction!r} is invalid: use a number in (0, 1].")
-        try:
-            validate_locret_settings(self.settings(), prefix="locret.")
-        except ValueError as err:  # re-raised as the toolkit's input error whatever class the model file used
-            raise SwiftKVInputError(str(err)) from None
-        return self
-
-
-# ---- conversion ---------------------------------------------------------------------------------------------
-def locret_model_config(source_config, cfg: LocretConfig) -> LlamaLocretConfig:
-    model_type = getattr(source_config, "model_type", None)
-    if model_type not in SOURCE_TYPES:
-        raise SwiftKVInputError(
-            f"Locret is built from a Llama-family model ({', '.join(SOURCE_TYPES)}); got model_type {model_type!r}."
-        )
-    if model_type == "mistral" and getattr(source_config, "sliding_window", None):
-        if source_config.sliding_window < source_config.max_position_embeddings:
-            raise SwiftKVInputError(
-                "sliding-window attention is not supported by the Locret model: use a full-attention checkpoint."
-            )
-    fields_ = {k: v for k, v in source_config.to_dict().items() if k not in _DROP_FIELDS}
-    fields_.update({f"locret_{name}": getattr(cfg, name) for name in _INFERENCE_FIELDS})
-    fields_.update(locret_head_hidden_size=cfg.head_hidden_size, locret_enabled=True)
-    config = LlamaLocretConfig(**fields_)
-    config._attn_implementation = source_config._attn_implementation
-    return config
-
-
-@torch.no_grad()
-def to_locret(model: nn.Module, cfg: LocretConfig | None = None) -> LlamaLocretForCausalLM:
-    """A Locret model sharing ``model``'s weight tensors (frozen), with new retaining heads (trainable).
-
-    ``model`` stays usable and unchanged. From a Locret model, its heads are kept (continued training)."""
-    cfg = LocretConfig.from_node(cfg)
-    config = locret_model_config(model.config, cfg)
-    reference = model.model.embed_tokens.weight
-    keep_heads = getattr(model.config, "model_type", None) == "llama_locret" and (
-        model.config.locret_head_hidden_size == cfg.head_hidden_size
-    )
-    with torch.device("meta"):
-        new = LlamaLocretForCausalLM(config)
-    state = model.state_dict()
-    if not keep_heads:
-        state = {k: v for k, v in state.items() if ".retaining_head." not in k}
-    result = new.load_state_dict(state, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise SwiftKVInputError(
-            f"the source model has weights the Llama layout does not: {result.unexpected_keys[:5]}"
-        )
-    # Non-persistent buffers (RoPE frequencies) are not in the state dict: rebuild them for real.
-    new.model.rotary_emb = type(new.model.rotary_emb)(config=config).to(reference.device)
-    if config.tie_word_embeddings:
-        new.lm_head.weight = new.model.embed_tokens.weight
-    if not keep_heads:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.head_init_seed)
-            for layer in new.model.layers:  # nn.Linear's default init, on CPU for a device-independent seed
-                layer.self_attn.retaining_head = LocretRetainingHead(config).to(reference.device, reference.dtype)
-    leftover = [name for name, t in list(new.named_parameters()) + list(new.named_buffers()) if t.is_meta]
-    if leftover:
-        raise RuntimeError(f"to_locret left tensors uninitialised: {leftover[:5]}")
-    new.requires_grad_(False)
-    for _, param in new.retaining_head_parameters():
-        param.requires_grad_(True)
-    new.generation_config = copy.deepcopy(model.generation_config)
-    new.config.name_or_path = getattr(model.config, "name_or_path", "")
-    return new.train(model.training)
-
-
-# ---- labels -------------------------------------------------------------------------------------------------
 def answer_prefix_max_logits(
     query: torch.Tensor, key: torch.Tensor, answer_index: torch.Tensor, prefix_len: int, scaling: float, chunk: int
 ) -> torch.Tensor:
@@ -268,7 +124,7 @@ class _LayerCapture:
         self.projections.clear()
 
 
-def _unwrap(student: nn.Module) -> LlamaLocretForCausalLM:
+def locret_student(student: nn.Module) -> LlamaLocretForCausalLM:
     model = getattr(student, "module", student)  # DeepSpeed engine / DDP wrappers
     if not isinstance(model, LlamaLocretForCausalLM):
         raise SwiftKVInputError(f"the Locret loss needs the model from build_student, got {type(model).__name__}.")
@@ -277,7 +133,7 @@ def _unwrap(student: nn.Module) -> LlamaLocretForCausalLM:
 
 def run_locret_capture(student: nn.Module, batch: dict, label_chunk: int, with_grad: bool = True):
     """Frozen forward with the hooks; returns (layout, per-layer [(pred [B, H_kv, P_max], labels per row)])."""
-    model = _unwrap(student)
+    model = locret_student(student)
     input_ids = batch["input_ids"]
     attention_mask = batch.get("attention_mask")
     if attention_mask is None:
@@ -349,62 +205,3 @@ def locret_loss(student: nn.Module, batch: dict, cfg: LocretConfig) -> dict[str,
         "top_overlap": torch.tensor(overlap_sum / overlap_count),
         "rows": torch.tensor(float(sum(item is not None for item in layout))),
     }
-
-
-# ---- the transformation -------------------------------------------------------------------------------------
-class LocretTransformation(Transformation):
-    """Locret for the shared trainer: heads-only training on frozen-backbone labels, budgeted-cache export."""
-
-    name = "locret"
-
-    def __init__(self, cfg, train_cfg=None):
-        super().__init__(cfg, train_cfg)
-        self.config = LocretConfig.from_node(cfg)
-
-    def check_model_config(self, config) -> None:
-        locret_model_config(config, self.config)  # the checks to_locret runs first, on the config alone
-
-    def build_student(self, model: nn.Module) -> nn.Module:
-        return to_locret(model, self.config)
-
-    def loss(self, student: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return locret_loss(student, batch, self.config)
-
-    def prepare_export(self, student: nn.Module) -> nn.Module:
-        return _unwrap(student)
-
-
-__all__ = [
-    "LocretConfig",
-    "LocretTransformation",
-    "answer_prefix_max_logits",
-    "locret_labels",
-    "locret_loss",
-    "locret_model_config",
-    "to_locret",
-]
-
-
-def prefill_peak(model: LlamaLocretForCausalLM, ids: torch.Tensor, **settings) -> tuple[int, int, object]:
-    """Chunked prefill of ``ids``, measuring the largest cache held: (bytes, entries per layer, final cache).
-
-    Measured right after each layer's attention, before that layer's eviction, where the cache is largest.
-    """
-    state = {"cache": None, "bytes": 0, "entries": 0}
-
-    def grab_cache(module, args, kwargs):
-        state["cache"] = kwargs.get("cache", kwargs.get("past_key_values"))
-
-    def measure(module, args, output):
-        cache = state["cache"]
-        state["bytes"] = max(state["bytes"], cache_nbytes(cache))
-        state["entries"] = max(state["entries"], max(layer.num_entries for layer in cache.layers))
-
-    handles = [model.model.register_forward_pre_hook(grab_cache, with_kwargs=True)]
-    handles += [layer.self_attn.o_proj.register_forward_hook(measure) for layer in model.model.layers]
-    try:
-        cache = model.chunked_prefill(ids, **settings)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return state["bytes"], state["entries"], cache

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..errors import SwiftKVInputError
+from ...errors import SwiftKVInputError
 
 log = logging.getLogger(__name__)
 

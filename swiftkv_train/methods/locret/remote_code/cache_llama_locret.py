@@ -42,10 +42,10 @@ except ImportError:
     except ImportError:  # neither: the torch path below only
         locret_evict = None
 
-try:  # CSKV's quantizer: beside this file in an export (copied from llama_cskv), the sibling package otherwise.
+try:  # the shared KV quantizer: beside this file in an export, swiftkv_train.remote_code otherwise.
     from .quant_llama_cskv import dequantize_values, packed_size, quantize_values
 except ImportError:
-    from swiftkv_train.models.llama_cskv.quant_llama_cskv import dequantize_values, packed_size, quantize_values
+    from swiftkv_train.remote_code.quant_llama_cskv import dequantize_values, packed_size, quantize_values
 
 
 def _kept_indices_torch(scores, keep: int, protect_newest: int = 0) -> torch.Tensor:

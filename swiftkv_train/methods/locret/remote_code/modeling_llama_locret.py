@@ -48,7 +48,7 @@ from .configuration_llama_locret import LlamaLocretConfig, LocretSettings, setti
 try:  # beside this file in an export, one level up in the package
     from .transformers_compat import accepts_legacy_cache_name, cache_kwarg
 except ImportError:
-    from swiftkv_train.models.transformers_compat import accepts_legacy_cache_name, cache_kwarg
+    from swiftkv_train.remote_code.transformers_compat import accepts_legacy_cache_name, cache_kwarg
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 

@@ -25,7 +25,12 @@ tokens leaving the window into the compressed branch. The attention then reconst
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .quant_llama_cskv import dequantize_key_blocks, dequantize_values, quantize_key_blocks, quantize_values
+try:  # the shared KV quantizer: beside this file in an export, swiftkv_train.remote_code otherwise.
+    from .quant_llama_cskv import dequantize_key_blocks, dequantize_values, quantize_key_blocks, quantize_values
+except ImportError:
+    from swiftkv_train.remote_code.quant_llama_cskv import (
+        dequantize_key_blocks, dequantize_values, quantize_key_blocks, quantize_values,
+    )
 
 _TENSOR_FIELDS = (
     "keys",

@@ -1,0 +1,58 @@
+"""What the exports ship for ``trust_remote_code``: each method's model package declares its files explicitly.
+
+An export directory is flat: the model package's own files, the shared files of this folder
+(``transformers_compat.py``, the KV quantizer) and the Triton kernel files from ``swiftkv_kernels`` that the
+model imports relatively (``from .name import ...``). Each method's ``remote_code/__init__.py`` lists them in a
+``RemoteCode``; the export copies exactly those (tests/test_export.py checks that every relative import of a
+shipped file is shipped too). Nothing here is imported by the shipped files.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+COMMON_DIR = Path(__file__).resolve().parent
+# `kernels/` of a source checkout, for when `swiftkv_kernels` is not installed (PYTHONPATH=$PWD runs).
+_REPO_KERNELS = COMMON_DIR.parents[1] / "kernels"
+
+
+def kernels_dir() -> Path:
+    try:
+        spec = importlib.util.find_spec("swiftkv_kernels")
+    except ImportError:
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return _REPO_KERNELS
+
+
+@dataclass(frozen=True)
+class RemoteCode:
+    """The files one model package ships: ``own`` (beside its ``__init__``), ``common`` (this folder) and
+    ``kernels`` (swiftkv_kernels), by file name; ``config_class`` / ``model_class`` name the auto_map entries
+    as ``module.Class``."""
+
+    package_dir: Path
+    own: tuple[str, ...]
+    config_class: str
+    model_class: str
+    common: tuple[str, ...] = ()
+    kernels: tuple[str, ...] = ()
+
+    def sources(self) -> dict[str, Path]:
+        """Shipped file name -> the file to copy."""
+        found = {name: self.package_dir / name for name in self.own}
+        found.update({name: COMMON_DIR / name for name in self.common})
+        found.update({name: kernels_dir() / name for name in self.kernels})
+        missing = [str(path) for path in found.values() if not path.is_file()]
+        if missing:
+            raise FileNotFoundError(f"remote code files missing: {', '.join(missing)}")
+        return found
+
+    def auto_map(self) -> dict[str, str]:
+        return {"AutoConfig": self.config_class, "AutoModelForCausalLM": self.model_class}
+
+
+__all__ = ["COMMON_DIR", "RemoteCode", "kernels_dir"]
