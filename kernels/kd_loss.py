@@ -1,7 +1,8 @@
 """Fused distillation loss: chunked lm_head -> log-softmax -> T²·KL(teacher ‖ student), forward and backward.
 
-Same signature and semantics as `swiftkv_train.losses.chunked_kl_loss` (the torch reference, used as the
-fallback off CUDA or without Triton), so the trainer can switch with a flag.
+A pure op (imports only torch, and triton when present), in three parts as in Liger-Kernel: the Triton kernel
+(`_kl_rows_kernel`), the autograd.Function around it (`_FusedKL`, behind `fused_kl_loss`) and a plain torch
+reference (`kl_loss_reference`, also the fallback off CUDA or without Triton) with the same arguments and result.
 
 Per chunk of C masked rows:
 
@@ -16,8 +17,8 @@ Per chunk of C masked rows:
    [j/2, (j+B)/2)), and rows never overlap.
 3. cuBLAS ``grad_chunk = grad_logits @ W`` (and ``grad_W += grad_logits.T @ s_chunk`` if the head trains).
 
-So a chunk holds one [2C, V] fp32 buffer (two [C, V] "rows"), against the reference's fp32 head copy plus ~5
-[C, V] fp32 temporaries. As in the reference, the gradient is computed in forward and only [N, H] is saved.
+So a chunk holds one [2C, V] fp32 buffer (two [C, V] "rows"), where a torch chunked loss holds an fp32 copy of the
+head plus ~5 [C, V] fp32 temporaries. The gradient is computed in forward and only [N, H] is saved.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import os
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
 try:
     import triton
@@ -37,7 +39,7 @@ except Exception:  # noqa: BLE001
     tl = None
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "kernel_available", "fused_kl_loss", "kl_loss_reference"]
+__all__ = ["HAS_TRITON", "REDUCTIONS", "kernel_available", "fused_kl_loss", "kl_loss_reference"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -53,11 +55,75 @@ def kernel_available(x: torch.Tensor) -> bool:
     return x.is_cuda or (_interpreting() and x.device.type == "cpu")
 
 
-def kl_loss_reference(*args, **kwargs):
-    """The torch reference: `swiftkv_train.losses.chunked_kl_loss` (imported lazily: this module is training-only)."""
-    from swiftkv_train.losses import chunked_kl_loss
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments, reductions and the torch reference.
+# ----------------------------------------------------------------------------------------------------------------
 
-    return chunked_kl_loss(*args, **kwargs)
+REDUCTIONS = ("mean", "batchmean_all", "sum")
+
+
+def _check(student_hidden, teacher_hidden, lm_head_weight, mask, temperature, chunk_size, reduction) -> None:
+    if student_hidden.shape != teacher_hidden.shape:
+        raise ValueError(f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
+                         f"{tuple(teacher_hidden.shape)} must have the same shape")
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != student_hidden.shape[-1]:
+        raise ValueError(f"lm_head_weight must be [V, H] with H = {student_hidden.shape[-1]}, "
+                         f"got {tuple(lm_head_weight.shape)}")
+    if mask is not None and mask.shape != student_hidden.shape[:-1]:
+        raise ValueError(f"mask must have shape {tuple(student_hidden.shape[:-1])} (hidden without the last dim), "
+                         f"got {tuple(mask.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def _reduction_scale(num_positions: int, num_masked: int, reduction: str) -> float:
+    """1 / the divisor: "mean" = masked positions (an all-masked batch gives 0, not NaN), "batchmean_all" = all
+    positions (masked-out ones count as zeros), "sum" = 1."""
+    if reduction == "mean":
+        return 1.0 / max(num_masked, 1)
+    if reduction == "batchmean_all":
+        return 1.0 / max(num_positions, 1)
+    return 1.0
+
+
+def _kl_chunk_reference(s_chunk, t_chunk, w, temperature):
+    log_p_s = torch.log_softmax(s_chunk.float() @ w.float().t() / temperature, dim=-1)
+    log_p_t = torch.log_softmax(t_chunk.float() @ w.detach().float().t() / temperature, dim=-1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum()
+
+
+def kl_loss_reference(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    temperature: float = 2.0,
+    chunk_size: int = 1024,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The torch reference of `fused_kl_loss` (same arguments and result): fp32 logits of ``chunk_size`` masked rows
+    at a time, plain autograd for the gradients; each chunk is recomputed in backward (activation checkpointing),
+    so one chunk's [C, V] logits are alive at a time, not all N rows'."""
+    _check(student_hidden, teacher_hidden, lm_head_weight, mask, temperature, chunk_size, reduction)
+    hidden = student_hidden.shape[-1]
+    s_flat = student_hidden.reshape(-1, hidden)
+    t_flat = teacher_hidden.detach().reshape(-1, hidden)
+    if mask is None:
+        rows = torch.arange(s_flat.shape[0], device=s_flat.device)
+    else:
+        rows = mask.to(device=s_flat.device, dtype=torch.bool).reshape(-1).nonzero().squeeze(1)
+    parts = []
+    for start in range(0, rows.numel(), chunk_size):
+        idx = rows[start : start + chunk_size]
+        parts.append(checkpoint(_kl_chunk_reference, s_flat.index_select(0, idx), t_flat.index_select(0, idx),
+                                lm_head_weight, temperature, use_reentrant=False))
+    # No masked row: a 0 that still back-propagates (zero gradients) like the fused path.
+    total = torch.stack(parts).sum() if parts else (s_flat.float() * 0.0).sum()
+    return total * (temperature**2 * _reduction_scale(s_flat.shape[0], rows.numel(), reduction))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -181,8 +247,6 @@ def _kl_rows(logits: torch.Tensor, rows: int, grad_dtype: torch.dtype, temperatu
 class _FusedKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, teacher_hidden, lm_head_weight, mask, temperature, chunk_size, reduction):
-        from swiftkv_train.losses import _normaliser
-
         hidden = student_hidden.shape[-1]
         s_flat = student_hidden.reshape(-1, hidden)
         t_flat = teacher_hidden.reshape(-1, hidden)
@@ -191,7 +255,7 @@ class _FusedKL(torch.autograd.Function):
         # Only masked rows need logits (as in the reference).
         rows = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
         num_rows = num_positions if rows is None else rows.numel()
-        scale = 1.0 / _normaliser(num_positions, num_rows, reduction)
+        scale = _reduction_scale(num_positions, num_rows, reduction)
 
         want_grad_w = ctx.needs_input_grad[2]
         grad_w32 = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_grad_w else None
@@ -246,17 +310,15 @@ def fused_kl_loss(
     chunk_size: int = 1024,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """T² · KL(p_teacher ‖ p_student) over masked positions; drop-in for `chunked_kl_loss` (same arguments).
+    """T² · KL(p_teacher ‖ p_student) at temperature T over the masked positions, from hidden states and the shared
+    LM head ([V, H]) without full logits. ``mask``: bool, the hidden shape without H (None = every position);
+    ``reduction``: "mean" over masked positions, "batchmean_all" over all positions, or "sum".
 
-    Uses the Triton path on CUDA (or under ``TRITON_INTERPRET=1`` on CPU), the torch reference otherwise.
+    Uses the Triton path on CUDA (or under ``TRITON_INTERPRET=1`` on CPU), `kl_loss_reference` otherwise.
     Returns an fp32 scalar; the gradient to ``student_hidden`` (and to ``lm_head_weight`` if it requires grad)
     is computed in forward, so double backward is not supported.
     """
-    from swiftkv_train.losses import _check_inputs
-
-    _check_inputs(student_hidden, teacher_hidden, lm_head_weight, mask, temperature, reduction)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _check(student_hidden, teacher_hidden, lm_head_weight, mask, temperature, chunk_size, reduction)
     if not (kernel_available(student_hidden) and lm_head_weight.dtype in _SUPPORTED_DTYPES):
         return kl_loss_reference(student_hidden, teacher_hidden, lm_head_weight, mask, temperature=temperature,
                                  chunk_size=chunk_size, reduction=reduction)

@@ -45,7 +45,6 @@ __all__ = [
     "silu_mul",
     "fused_swiftkv_kv",
     "swiftkv_kv_reference",
-    "concat_swiftkv_kv_weights",
 ]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -323,7 +322,7 @@ def fused_swiftkv_kv(
     Args:
         h_m: [B, S, hidden] residual stream entering layer M.
         norm_weight, eps: ``norm_swiftkv``'s weight and epsilon.
-        kv_weight_cat: [G·2·H_kv·D, hidden], rows [K_0; V_0; K_1; V_1; ...] (see `concat_swiftkv_kv_weights`).
+        kv_weight_cat: [G·2·H_kv·D, hidden], rows [K_0; V_0; K_1; V_1; ...] (group-major).
         cos, sin: [B or 1, S, D] RoPE tables as produced by the model's rotary embedding.
         kv_bias_cat: optional [G·2·H_kv·D] bias (``attention_bias`` models).
         out: optional contiguous [G, 2, B, H_kv, S, D] buffer (dtype of ``kv_weight_cat``) to write into
@@ -339,54 +338,3 @@ def fused_swiftkv_kv(
                                  head_dim, kv_bias_cat, out)
     return swiftkv_kv_reference(h_m, norm_weight, eps, kv_weight_cat, cos, sin, num_groups, num_kv_heads,
                                 head_dim, kv_bias_cat)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Concatenated weight, cached on the model.
-# ----------------------------------------------------------------------------------------------------------------
-
-_CACHE_ATTR = "_swiftkv_kv_weight_cat"
-
-
-def _swiftkv_projections(model) -> list[torch.nn.Linear]:
-    base = model.model if hasattr(model, "model") and hasattr(model.model, "layers") else model
-    config = base.config
-    m, g, layers = config.num_key_value_layers, config.key_value_group_size, config.num_hidden_layers
-    projections = []
-    for leader in range(m, layers, g):
-        attn = base.layers[leader].self_attn
-        projections += [attn.k_proj_swiftkv, attn.v_proj_swiftkv]
-    return projections
-
-
-def _fingerprint(t: torch.Tensor) -> tuple:
-    # Storage address + in-place version counter: changes on load_state_dict/optimizer steps (in-place, version
-    # bump), on .to()/.data swaps (new storage) and on dtype/device moves.
-    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
-
-
-def concat_swiftkv_kv_weights(model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[K_0; V_0; K_1; V_1; ...] weights (and biases, or None) of a SwiftKV model, cached on the model.
-
-    ``model`` is a ``LlamaSwiftKVForCausalLM`` or ``LlamaSwiftKVModel``. The copy costs G·2·kv_dim·hidden elements
-    (256 MiB bf16 for Llama-3.1-8B, M=16, g=1) and is rebuilt whenever any source weight changes (fingerprint of
-    pointer, version counter, dtype, device, shape).
-    """
-    projections = _swiftkv_projections(model)
-    if not projections:
-        raise ValueError("the model has no SwiftKV layer (num_key_value_layers == num_hidden_layers)")
-    weights = [p.weight for p in projections]
-    biases = [p.bias for p in projections]
-    has_bias = biases[0] is not None
-    key = tuple(_fingerprint(t) for t in weights + (biases if has_bias else []))
-    owner = model.model if hasattr(model, "model") and hasattr(model.model, "layers") else model
-    cached = owner.__dict__.get(_CACHE_ATTR)
-    if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
-    owner.__dict__.pop(_CACHE_ATTR, None)  # free the stale copy before building the new one
-    with torch.no_grad():
-        w = torch.cat([t.detach() for t in weights], dim=0)
-        b = torch.cat([t.detach() for t in biases], dim=0) if has_bias else None
-    # A plain attribute (not a parameter or buffer): never saved, never trained, never moved by .to().
-    owner.__dict__[_CACHE_ATTR] = (key, w, b)
-    return w, b

@@ -1,8 +1,9 @@
 """Fused kernels (issue 7): SwiftKV prefill K/V (+ the layers' RMSNorm and SiLU*up) and the fused distillation loss.
 
-- CPU (always): the torch references against independent computations (the model's own unfused path, the naive
-  loss), the public functions' CPU fallback, one tiny Triton-interpreter run of each kernel (subprocess with
-  ``TRITON_INTERPRET=1``) and an ahead-of-time sm_90 compile of every kernel (catches GPU compile errors here).
+- CPU (always): the torch references against independent computations (the model's own unfused path, the loss's
+  definition written here), the public functions' CPU fallback, one tiny Triton-interpreter run of each kernel
+  (subprocess with ``TRITON_INTERPRET=1``), an ahead-of-time sm_90 compile of every kernel (catches GPU compile
+  errors here), and that the kernel files are pure ops (no import of swiftkv_train).
 - GPU (``-m gpu``): each Triton path against its reference over ragged shapes, GQA ratios, g > 1, bf16 and fp32,
   with NaN-poisoned outputs; the loss's gradients too.
 """
@@ -18,13 +19,10 @@ from helpers import alias_kernels_package, compile_sm90, run_interpreter_script
 alias_kernels_package()
 
 from swiftkv_kernels import kd_loss, swiftkv_prefill_kv  # noqa: E402
-from swiftkv_kernels.kd_loss import fused_kl_loss  # noqa: E402
-from swiftkv_kernels.swiftkv_prefill_kv import (  # noqa: E402
-    concat_swiftkv_kv_weights,
-    fused_swiftkv_kv,
-    swiftkv_kv_reference,
-)
-from swiftkv_train.losses import chunked_kl_loss, naive_kl_loss  # noqa: E402
+from swiftkv_kernels.kd_loss import fused_kl_loss, kl_loss_reference  # noqa: E402
+from swiftkv_kernels.swiftkv_prefill_kv import fused_swiftkv_kv, swiftkv_kv_reference  # noqa: E402
+from swiftkv_train.losses import KL  # noqa: E402
+from swiftkv_train.methods.swiftkv.remote_code.modeling_llama_swiftkv import concat_swiftkv_kv_weights  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -79,6 +77,21 @@ def _model_kv(student, h, position_ids):
 
 def _rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def naive_kl(student_hidden, teacher_hidden, lm_head_weight, mask=None, temperature=2.0, reduction="mean"):
+    """T² · KL(p_teacher ‖ p_student) from its definition: full fp64 logits, F.kl_div, plain autograd (the teacher
+    side is a constant); "mean" over masked positions, "batchmean_all" over all, or "sum"."""
+    h = student_hidden.shape[-1]
+    s = student_hidden.reshape(-1, h).double()
+    t = teacher_hidden.detach().reshape(-1, h).double()
+    w = lm_head_weight.double()
+    log_s = torch.log_softmax(s @ w.T / temperature, -1)
+    log_t = torch.log_softmax(t @ w.detach().T / temperature, -1)
+    per_position = torch.nn.functional.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)
+    keep = torch.ones_like(per_position, dtype=torch.bool) if mask is None else mask.reshape(-1)
+    total = (per_position * keep).sum() * temperature**2
+    return total / {"mean": max(int(keep.sum()), 1), "batchmean_all": keep.numel(), "sum": 1}[reduction]
 
 
 # ------------------------------------------------------------------------------- CPU: references and dispatch
@@ -163,20 +176,72 @@ def test_fused_kl_cpu_fallback_matches_naive(temperature, reduction):
     mask = torch.rand(2, 13) > 0.3
     loss = fused_kl_loss(s, t, w, mask, temperature, chunk_size=4, reduction=reduction)
     (grad,) = torch.autograd.grad(loss * 0.7, s)
-    s2 = s.detach().clone().requires_grad_()
-    ref = naive_kl_loss(s2, t, w, mask, temperature, reduction)
+    s2 = s.detach().double().requires_grad_()
+    ref = naive_kl(s2, t, w, mask, temperature, reduction)
     (ref_grad,) = torch.autograd.grad(ref * 0.7, s2)
     assert ref.item() > 1e-3
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-5 * ref_grad.abs().max().item())
     assert (grad[~mask] == 0).all()  # masked-out positions get no gradient
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 100])
+@pytest.mark.parametrize("reduction", ["mean", "batchmean_all", "sum"])
+def test_kl_loss_reference_matches_definition(chunk_size, reduction):
+    """The kernel file's own torch reference: values and gradients (student and LM head) against the definition."""
+    torch.manual_seed(1)
+    s = torch.randn(3, 7, 16, requires_grad=True)
+    t = s.detach() + 0.4 * torch.randn(3, 7, 16)
+    w = (torch.randn(50, 16) / 2).requires_grad_()
+    mask = torch.rand(3, 7) > 0.4
+    loss = kl_loss_reference(s, t, w, mask, 1.5, chunk_size, reduction)
+    gs, gw = torch.autograd.grad(loss, (s, w))
+    s64, w64 = s.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = naive_kl(s64, t, w64, mask, 1.5, reduction)
+    rgs, rgw = torch.autograd.grad(ref, (s64, w64))
+    assert loss.dtype == torch.float32 and gs.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gs.double(), rgs, rtol=1e-4, atol=1e-5 * rgs.abs().max().item())
+    torch.testing.assert_close(gw.double(), rgw, rtol=1e-4, atol=1e-5 * rgw.abs().max().item())
+    # the KL component of swiftkv_train.losses (its own chunked engine) gives the same numbers
+    torch.testing.assert_close(KL()(s, t, w, mask, temperature=1.5, chunk_size=chunk_size, reduction=reduction),
+                               loss, rtol=1e-5, atol=1e-7)
+
+
+def test_kl_loss_reference_edge_cases():
+    torch.manual_seed(2)
+    s = torch.randn(2, 5, 8, requires_grad=True)
+    t, w = torch.randn(2, 5, 8), torch.randn(20, 8)
+    nothing = torch.zeros(2, 5, dtype=torch.bool)
+    loss = kl_loss_reference(s, t, w, nothing, 2.0, 3, "mean")
+    loss.backward()  # no masked row: 0, and still a zero gradient (not an error)
+    assert loss.item() == 0.0 and (s.grad == 0).all()
+    torch.testing.assert_close(kl_loss_reference(s, t, w, None, 2.0, 3, "sum").double(), naive_kl(s, t, w, None, 2.0, "sum"))
+    for bad, match in (({"reduction": "batchmean"}, "reduction"), ({"chunk_size": 0}, "chunk_size"),
+                       ({"temperature": 0.0}, "temperature")):
+        kwargs = {"temperature": 2.0, "chunk_size": 3, "reduction": "mean", **bad}
+        with pytest.raises(ValueError, match=match):
+            fused_kl_loss(s, t, w, None, **kwargs)
+
+
+def test_kernel_files_do_not_import_the_package():
+    """Kernels are pure ops: no file in kernels/ imports swiftkv_train (the package depends on them, not back)."""
+    import ast
+    from pathlib import Path
+
+    offenders = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "swiftkv_train"]
+    assert offenders == []
 
 
 # ------------------------------------------------------------------------------------ CPU: Triton interpreter
 
 _INTERPRETER_SCRIPT = r"""
 from swiftkv_kernels import kd_loss, swiftkv_prefill_kv as skv
-from swiftkv_train.losses import naive_kl_loss
 torch.manual_seed(0)
 assert skv.kernel_available(torch.zeros(1)) and kd_loss.kernel_available(torch.zeros(1))
 
@@ -208,7 +273,7 @@ for dtype, fp32_logits in ((torch.float32, False), (torch.bfloat16, True)):
     loss = kd_loss.fused_kl_loss(s, t, w, mask, 2.0, 5, "mean")
     (g,) = torch.autograd.grad(loss, s)
     s32 = s.detach().float().requires_grad_()
-    ref = naive_kl_loss(s32, t.float(), w.float(), mask, 2.0, "mean")
+    ref = kd_loss.kl_loss_reference(s32, t.float(), w.float(), mask, 2.0, 5, "mean")
     (rg,) = torch.autograd.grad(ref, s32)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     gtol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -409,7 +474,7 @@ def test_gpu_fused_kl_matches_naive(shape, reduction, temperature, dtype):
     loss = fused_kl_loss(s, t, w, mask, temperature, chunk, reduction)
     (grad,) = torch.autograd.grad(loss * 1.3, s)
     s64 = s.detach().double().requires_grad_()
-    ref = naive_kl_loss(s64, t.double(), w.double(), mask, temperature, reduction).double()  # computes in fp32
+    ref = naive_kl(s64, t, w, mask, temperature, reduction)  # fp64
     (ref_grad,) = torch.autograd.grad(ref * 1.3, s64)
     assert loss.dtype == torch.float32 and grad.dtype == dtype
     assert ref.item() > 1e-2
@@ -417,9 +482,14 @@ def test_gpu_fused_kl_matches_naive(shape, reduction, temperature, dtype):
     limit = 1e-4 if dtype == torch.float32 else 1.5e-2  # relative L2 error of the whole gradient
     assert _rel_err(grad, ref_grad) < limit
     assert (grad[~mask] == 0).all()
-    # the chunked torch reference agrees too
-    ref2 = chunked_kl_loss(s.detach(), t, w, mask, temperature, chunk, reduction)
+    # the kernel file's torch reference and the KL component's torch path agree; the component with fused=True
+    # is the kernel
+    ref2 = kl_loss_reference(s.detach(), t, w, mask, temperature, chunk, reduction)
     torch.testing.assert_close(loss, ref2, rtol=1e-4, atol=1e-6)
+    ref3 = KL()(s.detach(), t, w, mask, temperature=temperature, chunk_size=chunk, reduction=reduction)
+    torch.testing.assert_close(loss, ref3, rtol=1e-4, atol=1e-6)
+    fused = KL()(s.detach(), t, w, mask, temperature=temperature, chunk_size=chunk, reduction=reduction, fused=True)
+    assert torch.equal(fused, loss)
 
 
 @pytest.mark.gpu
@@ -428,7 +498,7 @@ def test_gpu_fused_kl_edge_cases(dtype):
     s, t, w, _ = _kl_inputs(2, 40, 128, 5000, dtype)
     # no mask: every position counts
     loss = fused_kl_loss(s, t, w, None, 2.0, 32, "mean")
-    ref = naive_kl_loss(s.double(), t.double(), w.double(), None, 2.0, "mean").double()
+    ref = naive_kl(s, t, w, None, 2.0, "mean")
     torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-6)
     # all masked out: 0 loss, 0 gradient (not NaN)
     s2 = s.detach().clone().requires_grad_()
@@ -451,7 +521,7 @@ def test_gpu_fused_kl_lm_head_grad(dtype):
     gs, gw = torch.autograd.grad(loss, (s, w))
     s64 = s.detach().double().requires_grad_()
     w64 = w.detach().double().requires_grad_()
-    ref = naive_kl_loss(s64, t.double(), w64, mask, 2.0, "mean")
+    ref = naive_kl(s64, t, w64, mask, 2.0, "mean")
     rgs, rgw = torch.autograd.grad(ref, (s64, w64))
     limit = 1e-4 if dtype == torch.float32 else 1.5e-2
     assert _rel_err(gs, rgs) < limit and _rel_err(gw, rgw) < limit

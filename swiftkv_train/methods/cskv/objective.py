@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ...losses import chunked_kl_loss
+from ...losses import KL
 from ...remote_code.quant_llama_cskv import fake_quant_keys, fake_quant_values, straight_through
 from .calibrate import model_inputs
 from .config import CSKVConfig
@@ -19,9 +19,11 @@ from .convert import cskv_mode
 from .remote_code.modeling_llama_cskv import apply_rope
 
 
-def reconstruction_loss(model, cfg: CSKVConfig, batch: dict[str, torch.Tensor], chunk: int) -> dict[str, torch.Tensor]:
+def reconstruction_loss(model, cfg: CSKVConfig, batch: dict[str, torch.Tensor], chunk: int,
+                        fused: bool = False) -> dict[str, torch.Tensor]:
     """Mean over layers of MSE(RoPE(K), RoPE(K̂)) + MSE(V, V̂) (+ kl_weight x the KL of the student decoding every
-    position from the compressed cache, in chunks of ``chunk`` tokens), from one frozen teacher forward."""
+    position from the compressed cache: the ``kl`` loss component, in chunks of ``chunk`` tokens, its fused kernel
+    when ``fused``), from one frozen teacher forward."""
     inputs = model_inputs(batch)
     input_ids = inputs["input_ids"]
     position_ids = inputs.get("position_ids")
@@ -82,9 +84,9 @@ def reconstruction_loss(model, cfg: CSKVConfig, batch: dict[str, torch.Tensor], 
     if cfg.kl_weight > 0:
         with cskv_mode(model, True):
             student_hidden = model.model(**inputs, use_cache=False, cskv_decode_from=0).last_hidden_state
-        kl = chunked_kl_loss(
+        kl = KL()(
             student_hidden, teacher.last_hidden_state, model.lm_head.weight, keep,
-            temperature=cfg.kl_temperature, chunk_size=chunk,
+            temperature=cfg.kl_temperature, chunk_size=chunk, fused=fused,
         )
         total = total + cfg.kl_weight * kl
         out["kl"] = kl.detach()

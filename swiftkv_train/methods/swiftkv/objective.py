@@ -2,8 +2,9 @@
 
 One step: the teacher runs all layers under no_grad; the student reuses the teacher's h_M (layers < M are frozen
 and identical in both, so recomputing them would be wasted work) and runs only layers >= M with gradients,
-checkpointed layer by layer. Loss = KL(teacher || student) at temperature T (x T^2) on assistant tokens, computed
-in chunks from hidden states (never the full [B, S, V] logits), plus a weighted MSE on one hidden state.
+checkpointed layer by layer. Loss = a logits loss (``logits_loss``: KL(teacher || student) by default, or JSD) at
+temperature T (x T^2) on assistant tokens, computed in chunks from hidden states (never the full [B, S, V] logits),
+plus a weighted MSE on one hidden state.
 """
 
 import contextlib
@@ -13,22 +14,10 @@ from torch.utils.checkpoint import checkpoint
 from transformers.masking_utils import create_causal_mask
 
 from ...errors import SwiftKVInputError
-from ...losses import chunked_kl_loss, hidden_mse_loss, kl_mask_from_labels
+from ...losses import hidden_mse_loss, kl_mask_from_labels
 from ...remote_code.transformers_compat import cache_kwarg
 from ...zero import gathered
 from .config import SwiftKVConfig
-
-
-def kl_loss_function(fused: bool):
-    """The fused Triton KL (falls back to the torch reference off CUDA) or the plain chunked torch loss."""
-    if fused:
-        try:
-            from swiftkv_kernels.kd_loss import fused_kl_loss
-
-            return fused_kl_loss
-        except ImportError:
-            pass
-    return chunked_kl_loss
 
 
 def hidden_index(cfg: SwiftKVConfig, config) -> int:
@@ -111,17 +100,19 @@ def forward_pair(cfg: SwiftKVConfig, student, batch, with_grad: bool):
 
 # ---- the loss ------------------------------------------------------------------------------------------
 def distillation_loss(cfg: SwiftKVConfig, student, batch, chunk: int, fused: bool) -> dict[str, torch.Tensor]:
-    """KL(teacher || student) on the final hidden states' logits (chunked) + the weighted hidden-state MSE."""
+    """The chosen logits loss (``cfg.logits_loss``, default KL(teacher || student)) on the final hidden states'
+    logits, chunked, + the weighted hidden-state MSE. ``fused``: the loss's fused kernel where it has one and can
+    run. Logged under the loss's name ("kl", "jsd") and "hidden_mse"."""
     out = forward_pair(cfg, student, batch, with_grad=True)
-    kl_loss = kl_loss_function(fused)
+    logits_loss = cfg.logits_loss_component()
     weight = student.lm_head.weight
     with gathered(weight):
-        kl = kl_loss(
-            out["student_final"], out["teacher_final"], weight, mask=kl_mask_from_labels(batch["labels"]),
-            temperature=cfg.temperature, chunk_size=chunk, reduction=cfg.kl_reduction,
+        value = logits_loss(
+            out["student_final"], out["teacher_final"], weight, kl_mask_from_labels(batch["labels"]),
+            temperature=cfg.temperature, chunk_size=chunk, reduction=cfg.kl_reduction, fused=fused,
         )
-    total = cfg.kl_weight * kl
-    result = {"kl": kl.detach()}
+    total = cfg.kl_weight * value
+    result = {logits_loss.name: value.detach()}
     if cfg.hidden_loss_weight:
         mse = hidden_mse_loss(out["student_hidden"], out["teacher_hidden"])
         total = total + cfg.hidden_loss_weight * mse

@@ -39,16 +39,10 @@ except ImportError:
     from swiftkv_train.remote_code.transformers_compat import accepts_legacy_cache_name, cache_kwarg, output_cache
 
 try:  # Fused prefill kernels: beside this file in an export, from the swiftkv_kernels package otherwise.
-    from .swiftkv_prefill_kv import concat_swiftkv_kv_weights, fused_swiftkv_kv, kernel_available, rms_norm, silu_mul
+    from .swiftkv_prefill_kv import fused_swiftkv_kv, kernel_available, rms_norm, silu_mul
 except ImportError:
     try:
-        from swiftkv_kernels.swiftkv_prefill_kv import (
-            concat_swiftkv_kv_weights,
-            fused_swiftkv_kv,
-            kernel_available,
-            rms_norm,
-            silu_mul,
-        )
+        from swiftkv_kernels.swiftkv_prefill_kv import fused_swiftkv_kv, kernel_available, rms_norm, silu_mul
     except ImportError:  # neither: the torch path only
         fused_swiftkv_kv = rms_norm = silu_mul = None
 
@@ -70,6 +64,55 @@ def _fused_inference(config, x: torch.Tensor, weight: torch.Tensor) -> bool:
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     )
 
+
+# ---- the fused K/V kernel's input: every group's K/V weights in one matrix, cached on the model -------------------
+
+_KV_WEIGHT_CAT_ATTR = "_swiftkv_kv_weight_cat"
+
+
+def _swiftkv_projections(model) -> list[nn.Linear]:
+    base = model.model if hasattr(model, "model") and hasattr(model.model, "layers") else model
+    config = base.config
+    m, g, layers = config.num_key_value_layers, config.key_value_group_size, config.num_hidden_layers
+    projections = []
+    for leader in range(m, layers, g):
+        attn = base.layers[leader].self_attn
+        projections += [attn.k_proj_swiftkv, attn.v_proj_swiftkv]
+    return projections
+
+
+def _fingerprint(t: torch.Tensor) -> tuple:
+    # Storage address + in-place version counter: changes on load_state_dict/optimizer steps (in-place, version
+    # bump), on .to()/.data swaps (new storage) and on dtype/device moves.
+    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+
+
+def concat_swiftkv_kv_weights(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[K_0; V_0; K_1; V_1; ...] weights (and biases, or None) of a SwiftKV model, cached on the model: the
+    ``kv_weight_cat`` / ``kv_bias_cat`` of ``fused_swiftkv_kv``.
+
+    ``model`` is a ``LlamaSwiftKVForCausalLM`` or ``LlamaSwiftKVModel``. The copy costs G·2·kv_dim·hidden elements
+    (256 MiB bf16 for Llama-3.1-8B, M=16, g=1) and is rebuilt whenever any source weight changes (fingerprint of
+    pointer, version counter, dtype, device, shape).
+    """
+    projections = _swiftkv_projections(model)
+    if not projections:
+        raise ValueError("the model has no SwiftKV layer (num_key_value_layers == num_hidden_layers)")
+    weights = [p.weight for p in projections]
+    biases = [p.bias for p in projections]
+    has_bias = biases[0] is not None
+    key = tuple(_fingerprint(t) for t in weights + (biases if has_bias else []))
+    owner = model.model if hasattr(model, "model") and hasattr(model.model, "layers") else model
+    cached = owner.__dict__.get(_KV_WEIGHT_CAT_ATTR)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    owner.__dict__.pop(_KV_WEIGHT_CAT_ATTR, None)  # free the stale copy before building the new one
+    with torch.no_grad():
+        w = torch.cat([t.detach() for t in weights], dim=0)
+        b = torch.cat([t.detach() for t in biases], dim=0) if has_bias else None
+    # A plain attribute (not a parameter or buffer): never saved, never trained, never moved by .to().
+    owner.__dict__[_KV_WEIGHT_CAT_ATTR] = (key, w, b)
+    return w, b
 
 class LlamaSwiftKVRMSNorm(LlamaRMSNorm):
     """LlamaRMSNorm (same weight), in one Triton pass at inference on CUDA (``config.use_kernels``)."""
