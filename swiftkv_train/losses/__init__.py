@@ -1,4 +1,4 @@
-"""Distillation losses as components, chosen by name in a recipe (e.g. ``transform.swiftkv.logits_loss=jsd``).
+"""Distillation losses as components, chosen by name in a recipe (e.g. ``transform.<method>.logits_loss=jsd``).
 
 - ``base.py``: the shared checks, reductions (`REDUCTIONS`), the chunked engine that never holds the full
   [B, S, V] logits, and `LogitLoss`, the interface of a logits loss; each subclass registers itself by name in

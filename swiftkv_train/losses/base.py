@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 #                  token weighs the same whatever the padding or prompt length; this is the
 #                  default because it keeps the loss scale independent of the prompt share.
 # "batchmean_all": sum over masked positions / (B * S), i.e. masked-out positions count as zeros
-#                  (the ArcticTraining SwiftKV reference behaviour).
+#                  (the ArcticTraining reference behaviour).
 # "sum":           plain sum over masked positions (for callers that normalise themselves, e.g.
 #                  across gradient-accumulation micro-batches or data-parallel ranks).
 REDUCTIONS = ("mean", "batchmean_all", "sum")
@@ -99,7 +99,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         scale = 1.0 / normaliser(num_positions, rows.numel(), reduction)
 
         # Transient fp32 copy of the head (no-op when it is fp32 already): costs V·H·4 bytes
-        # once per call, but keeps logits exact enough for the tiny KLs between a SwiftKV
+        # once per call, but keeps logits exact enough for the tiny KLs between a distilled
         # student and its teacher (bf16 logits of magnitude ~20 carry ~0.1 rounding noise).
         w32 = lm_head_weight.float()
         want_grad_w = ctx.needs_input_grad[2]
