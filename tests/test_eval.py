@@ -13,9 +13,11 @@ import torch
 
 from swiftkv_train.errors import SwiftKVInputError
 from swiftkv_train.eval import evaluate, make_config
+from swiftkv_train.eval.config import evaluable_policies
 from swiftkv_train.eval.needle import NEEDLE, PASSKEY, build_prompt, haystack_ids, score_answer, template_parts
 from swiftkv_train.models import load_pretrained
 from swiftkv_train.models.tiny import random_model
+from swiftkv_train.policies import POLICIES, Budget
 from swiftkv_train.methods.swiftkv import to_swiftkv
 
 ESSAY = (
@@ -131,7 +133,8 @@ def test_needle_and_efficiency_numbers(tiny, essays):
     res = evaluate(model, tok, ["needle", "efficiency"], progress=False,
                    needle={"haystack": str(essays), "context_lengths": [300, 350], "depths": [0, 100]},
                    efficiency={"prompt_lengths": [64], "output_length": 3, "repeats": 2, "warmup": 0},
-                   policies={"names": ["streaming_llm"], "budget": "32", "sink_tokens": 4})
+                   policies={"names": ["streaming_llm"], "budget": "32",
+                             "overrides": {"streaming_llm": {"sink_tokens": 4}}})
     full, streaming = res["needle"][0], res["needle"][1]
     assert [t["prompt_tokens"] for t in full["trials"]] == [300, 300, 350, 350]
     assert full["kv_bytes_per_token"] == 1024.0  # fp32: 2 (K,V) x 4 layers x 2 KV heads x 16 dims x 4 bytes
@@ -220,7 +223,7 @@ def test_bad_inputs_give_clear_errors(tiny, tmp_path, essays):
         evaluate(model, tok, "fidelity", teacher=model, progress=False, fidelity={"data": str(tmp_path / "nope")})
     with pytest.raises(SwiftKVInputError, match="fidelity.window=4096 is longer than the model supports"):
         evaluate(model, tok, "fidelity", teacher=model, progress=False, fidelity={"data": str(essays), "window": 4096})
-    with pytest.raises(SwiftKVInputError, match="teacher=self needs a SwiftKV or CSKV model"):
+    with pytest.raises(SwiftKVInputError, match="teacher=self needs a model that can run as the original"):
         evaluate(model, tok, "fidelity", teacher="self", progress=False)
     with pytest.raises(SwiftKVInputError, match="too short"):
         evaluate(model, tok, "needle", progress=False, needle={"haystack": str(essays), "context_lengths": [100]})
@@ -241,18 +244,21 @@ def _cli(args, cwd):
 def test_cli_end_to_end_and_typo(essays, tmp_path):
     out = tmp_path / "out"
     proc = _cli([
-        "model=random:tiny", "swiftkv.num_key_value_layers=2", "teacher=self",
+        "model=random:tiny", "transform.name=swiftkv", "transform.swiftkv.num_key_value_layers=2", "teacher=self",
         "suite=[fidelity,needle,efficiency]", f"out_dir={out}", "cpu_threads=1", "progress=false",
         f"fidelity.data={essays}", "fidelity.window=64", "fidelity.num_windows=2",
         f"needle.haystack={essays}", "needle.context_lengths=[300]", "needle.depths=[0,100]",
         "efficiency.prompt_lengths=[32]", "efficiency.output_length=2", "efficiency.repeats=1",
-        "policies.names=[keyformer]", "policies.budget=50%",
+        "policies.names=[keyformer,h2o]", "policies.budget=50%", "policies.overrides={keyformer: {seed: 3}}",
     ], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["fidelity"][0]["model"] == "random:tiny SwiftKV M=2"
     assert results["fidelity"][0]["kl"] > 0
-    assert {r["policy"] for r in results["needle"]} == {"full", "keyformer@50%"}
+    assert {r["policy"] for r in results["needle"]} == {"full", "keyformer@50%", "h2o@50%"}
+    settings = {r["policy"]: r["settings"]["policy"] for r in results["needle"]}
+    assert settings["h2o@50%"]["recent_share"] == 0.5 and settings["keyformer@50%"]["recent_share"] == 0.3  # own
+    assert settings["keyformer@50%"]["seed"] == 3
     assert results["config"]["needle"]["context_lengths"] == [300]
     assert (out / "results.md").is_file() and (out / "needle_heatmap.png").is_file()
     assert not (out / ".hydra").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -341,24 +347,48 @@ def test_fidelity_of_a_cskv_model_scores_the_compressed_path(tmp_path):
     assert kl > 1e-4 and not torch.allclose(compressed, teacher, atol=1e-3)
 
 
-def test_policies_from_the_eval_config_keep_their_own_defaults():
-    """A setting left unset in the shared policy config is each policy's own default (H2O 0.5, Keyformer 0.3),
-    a set one applies to every policy that has it, and per-policy overrides win."""
+EVALUABLE = sorted(evaluable_policies())
+
+
+@pytest.mark.parametrize("name", EVALUABLE)
+def test_each_policy_from_the_eval_config_gets_its_own_defaults(name):
+    """Every setting a policy takes from the eval config is its own default (its dataclass's), budget aside (the
+    comparison's policies.budget): the eval CLI once gave H2O Keyformer's recent_share 0.3 instead of its 0.5."""
     from swiftkv_train.eval.api import policies_from_config
-    from swiftkv_train.policies import H2O, Keyformer, SnapKV, StreamingLLM
 
-    names = ["h2o", "keyformer", "snapkv", "streaming_llm"]
-    built = dict(policies_from_config(make_config(policies={"names": names}).policies))
-    assert list(built) == ["h2o@50%", "keyformer@50%", "snapkv@50%", "streaming_llm@50%"]
-    h2o, keyformer, snapkv, streaming = built.values()
-    assert isinstance(h2o, H2O) and h2o.recent_share == H2O(4).recent_share == 0.5
-    assert isinstance(keyformer, Keyformer) and keyformer.recent_share == 0.3
-    assert isinstance(snapkv, SnapKV) and snapkv.observation_window == 32
-    assert isinstance(streaming, StreamingLLM) and streaming.sink_tokens == 4
+    cfg = make_config(policies={"names": [name]})
+    [(label, policy)] = policies_from_config(cfg.policies)
+    assert label == f"{name}@50%" and type(policy) is POLICIES[name]
+    assert policy == POLICIES[name](budget="50%")
+    for field in POLICIES[name].setting_fields():  # and the config shows those defaults
+        if field.name != "budget":
+            assert cfg.policies.overrides[name][field.name] == getattr(policy, field.name)
 
-    cfg = make_config(policies={"names": ["h2o", "keyformer"], "recent_share": 0.2,
-                                "overrides": {"keyformer": {"recent_share": 0.4}}}).policies
-    h2o, keyformer = dict(policies_from_config(cfg)).values()
-    assert (h2o.recent_share, keyformer.recent_share) == (0.2, 0.4)
-    with pytest.raises(SwiftKVInputError, match="unknown policy 'tova'"):
+
+def test_policy_settings_from_the_eval_config():
+    """Per-policy settings (both spellings), a per-policy budget, and clear errors for unknown names and for the
+    old flat spellings."""
+    from swiftkv_train.eval.api import policies_from_config
+
+    cfg = make_config(policies={"names": ["h2o", "keyformer", "streaming_llm"], "budget": "32",
+                                "overrides": {"keyformer": {"recent_share": 0.4, "budget": "60%"}}})
+    cfg.policies.overrides.h2o.observation_window = 8  # as policies.overrides.h2o.observation_window=8 does
+    built = dict(policies_from_config(cfg.policies))
+    assert list(built) == ["h2o@32", "keyformer@60%", "streaming_llm@32"]
+    h2o, keyformer, streaming = built.values()
+    assert (h2o.recent_share, h2o.observation_window) == (0.5, 8) and keyformer.recent_share == 0.4
+    assert keyformer.budget == Budget(fraction=0.6) and streaming.budget == Budget(tokens=32)
+    with pytest.raises(SwiftKVInputError, match="unknown policy 'tova'; use any of " + ", ".join(EVALUABLE)):
         policies_from_config(make_config(policies={"names": ["tova"]}).policies)
+    with pytest.raises(SwiftKVInputError, match="policy 'full' keeps every entry"):
+        policies_from_config(make_config(policies={"names": ["full"]}).policies)
+    with pytest.raises(SwiftKVInputError, match=r"policies.recent_share=0.2 was replaced by per-policy settings: "
+                                                r"policies.overrides.h2o.recent_share=0.2 "
+                                                r"policies.overrides.keyformer.recent_share=0.2"):
+        policies_from_config(make_config(policies={"names": ["h2o", "keyformer", "snapkv"],
+                                                   "recent_share": 0.2}).policies)
+    with pytest.raises(SwiftKVInputError, match=r"policies.overrides.h2o: cache policy 'h2o': recent_share=1.5 must"):
+        policies_from_config(make_config(policies={"names": ["h2o"],
+                                                   "overrides": {"h2o": {"recent_share": 1.5}}}).policies)
+    with pytest.raises(Exception, match="recent_shar"):  # a typo in a setting name fails when the config is made
+        make_config(policies={"overrides": {"h2o": {"recent_shar": 0.4}}})

@@ -1,12 +1,14 @@
-"""Locret's retaining heads plugged into the shared cache-policy interface (LearnedScorePolicy)."""
+"""Locret's retaining heads plugged into the shared cache-policy interface: the ``locret`` policy (a
+LearnedScorePolicy whose ``scores_from(model)`` hooks the heads)."""
 
 import pytest
 import torch
 
-from swiftkv_train.models import load_pretrained
-from swiftkv_train.policies import LearnedScorePolicy, greedy_generate
-from swiftkv_train.policies.locret import locret_policy, locret_scores
+from swiftkv_train.errors import SwiftKVInputError
 from swiftkv_train.methods.locret import LocretConfig, to_locret
+from swiftkv_train.methods.locret.policy import LocretPolicy, locret_policy
+from swiftkv_train.models import load_pretrained
+from swiftkv_train.policies import POLICIES, LearnedScorePolicy, build_policy, greedy_generate
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +37,10 @@ def direct_scores(model, ids):
 def test_locret_heads_decide_what_a_policy_cache_keeps(locret_model):
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
     budget, stabilizers = 12, 3
-    with locret_scores(locret_model):
-        out = greedy_generate(locret_model, ids, 3, policy=LearnedScorePolicy(budget, stabilizers=stabilizers))
+    policy = build_policy("locret", budget=budget, stabilizers=stabilizers)
+    assert POLICIES["locret"] is LocretPolicy and isinstance(policy, LearnedScorePolicy)
+    with policy.scores_from(locret_model):
+        out = greedy_generate(locret_model, ids, 3, policy=policy)
     for layer, scores in zip(out.cache.layers, direct_scores(locret_model, ids)):
         for head in range(scores.shape[1]):
             top = scores[0, head, : 40 - stabilizers].topk(budget - stabilizers).indices.tolist()
@@ -47,9 +51,9 @@ def test_locret_heads_decide_what_a_policy_cache_keeps(locret_model):
 def test_full_budget_reproduces_the_full_cache(locret_model):
     ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(2))
     reference = greedy_generate(locret_model, ids, 6, keep_logits=True)
-    with locret_scores(locret_model):
-        policy = locret_policy(locret_model, budget=64)
-        assert policy.stabilizers == 4
+    policy = locret_policy(locret_model, budget=64)
+    assert isinstance(policy, LocretPolicy) and policy.stabilizers == 4  # the model's own locret_stabilizers
+    with policy.scores_from(locret_model):
         got = greedy_generate(locret_model, ids, 6, policy=policy, keep_logits=True)
     assert torch.equal(got.tokens, reference.tokens)
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(reference.logits), rtol=0, atol=1e-5)
@@ -57,8 +61,19 @@ def test_full_budget_reproduces_the_full_cache(locret_model):
 
 def test_models_without_heads_are_refused():
     base, _ = load_pretrained("random:tiny")
-    with pytest.raises(TypeError, match="no Locret retaining heads"):
+    with pytest.raises(SwiftKVInputError, match="cache policy 'locret' ranks entries with Locret's retaining heads, "
+                                                "and LlamaForCausalLM has none"):
         locret_policy(base)
+    with pytest.raises(SwiftKVInputError, match="has none"):
+        with LocretPolicy(8).scores_from(base):
+            pass
+    from swiftkv_train.eval.api import evaluate
+    from swiftkv_train.models.tiny import byte_tokenizer
+
+    # the evaluation refuses it before any suite runs (the missing haystack is never reached)
+    with pytest.raises(SwiftKVInputError, match="has none"):
+        evaluate(base, byte_tokenizer(), "needle", needle={"haystack": "/nonexistent"},
+                 policies={"names": ["locret"]}, progress=False)
 
 
 def test_evaluation_harness_runs_the_locret_policy(locret_model, tmp_path):
@@ -70,7 +85,10 @@ def test_evaluation_harness_runs_the_locret_policy(locret_model, tmp_path):
     (essays / "a.txt").write_text("The grass is green and the sky is blue today. " * 60)
     result = evaluate(locret_model, byte_tokenizer(), "needle", needle={"haystack": str(essays),
                       "context_lengths": [300], "depths": [50.0], "max_new_tokens": 4},
-                      policies={"names": ["locret"], "budget": "100", "stabilizers": 8}, progress=False)
+                      policies={"names": ["locret"], "budget": "100", "overrides": {"locret": {"stabilizers": 8}}},
+                      progress=False)
     runs = {run["policy"]: run for run in result["needle"]}
     assert set(runs) == {"full", "locret@100"}
+    assert runs["locret@100"]["settings"]["policy"] == {"name": "locret", "budget": "100 tokens", "stabilizers": 8,
+                                                        "evict_during_decode": False}
     assert runs["locret@100"]["kv_bytes_per_token"] < runs["full"]["kv_bytes_per_token"]

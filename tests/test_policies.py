@@ -1,13 +1,24 @@
-"""KV-cache policies: exactness with a large budget, the kept positions, and the scores against direct math."""
+"""KV-cache policies: exactness with a large budget, the kept positions, and the scores against direct math; the
+generic tests are parametrized from the registry (POLICIES), so a new policy is tested on arrival."""
+
+import dataclasses
+import subprocess
+import sys
+import typing
 
 import pytest
 import torch
 
 from swiftkv_train.errors import SwiftKVInputError
+from swiftkv_train.methods import METHODS
 from swiftkv_train.models import load_pretrained
+from swiftkv_train.models.tiny import random_model
 from swiftkv_train.policies import (
     H2O,
+    POLICIES,
     Budget,
+    BudgetedPolicy,
+    CachePolicy,
     FullCache,
     Keyformer,
     LearnedScorePolicy,
@@ -21,8 +32,8 @@ from swiftkv_train.policies import (
     record_token_scores,
 )
 from swiftkv_train.policies import attention as policy_attention_mod
+from swiftkv_train.policies.active import activated, active_cache
 from swiftkv_train.policies.baselines import gumbel_noise, keyformer_noise_seed
-from swiftkv_train.policies.cache import _ACTIVE
 from swiftkv_train.methods.swiftkv import to_swiftkv
 
 
@@ -181,9 +192,8 @@ def test_keyformer_score_accumulation_matches_direct_computation(tiny):
     policy = Keyformer(budget=100, seed=seed)  # no eviction: pure accumulation
     cache = PolicyCache(policy, prompt_len, max_new)
     policy_attention_mod.register()
-    token = _ACTIVE.set(cache)
     queries, keys_seen = [], []
-    try:
+    with activated(cache):
         for step, q_len in enumerate([prompt_len, 1, 1, 1]):
             start = cache.step.seen
             cache.begin_step(torch.arange(start, start + q_len), decode_step=step)
@@ -195,8 +205,6 @@ def test_keyformer_score_accumulation_matches_direct_computation(tiny):
             cache.end_step()
             queries.append(q)
             keys_seen.append(keys.clone())
-    finally:
-        _ACTIVE.reset(token)
     expected = _direct_keyformer(keys_seen, queries, seed, 1.0, 2.0, max_new, 0.25)
     torch.testing.assert_close(cache.layers[0].scores, expected, rtol=1e-5, atol=1e-6)
     # The Gumbel draw is the standard one.
@@ -222,7 +230,7 @@ def test_learned_scores_pushed_by_the_model_decide_what_stays(tiny):
     model, _ = tiny
 
     def push(module, args, output):
-        cache = _ACTIVE.get()
+        cache = active_cache()
         new = cache.step.new_tokens
         positions = torch.arange(cache.step.seen - new, cache.step.seen, dtype=torch.float32)
         record_token_scores(module, (-(positions - 10) ** 2).expand(1, 2, new))
@@ -237,3 +245,149 @@ def test_learned_scores_pushed_by_the_model_decide_what_stays(tiny):
     expected = [8, 9, 10, 11, 12, 28, 29, 30, 31]
     for layer in out.cache.layers:
         assert layer.positions[0, 0].tolist() == expected
+
+
+# ---------------------------------------------------------------------------------------- every registered policy
+
+# Settings that shrink a policy's protected ends below its budget wherever it has them, so that "the protected
+# entries are kept" is not the same as "everything is kept" (each is an ordinary setting of the policies that
+# declare it: attention sinks, stabilizers, an observation window).
+SMALL_PROTECTED = {"sink_tokens": 2, "stabilizers": 3, "observation_window": 4}
+BUDGET = 12
+
+
+def generic_policy(cls) -> CachePolicy:
+    """``cls`` with its own defaults, a budget if it takes one, and `SMALL_PROTECTED` where it has the setting."""
+    names = {f.name for f in cls.setting_fields()}
+    settings = {k: v for k, v in SMALL_PROTECTED.items() if k in names}
+    if "budget" in names:
+        settings["budget"] = BUDGET
+    return cls(**settings)
+
+
+_MODELS: list = []
+
+
+def candidate_models():
+    """Tiny random models a policy may run on: the plain one first, then each registered method's student of it
+    (default settings), built on first use. A policy whose scores come from inside the model (``scores_from``)
+    refuses the ones that cannot give them."""
+    yield from _MODELS
+    if not _MODELS:
+        _MODELS.append(("plain", random_model("tiny", seed=0).eval()))
+        yield _MODELS[-1]
+    for name, method in sorted(METHODS.items()):
+        if name not in dict(_MODELS):
+            _MODELS.append((name, method(None).build_student(random_model("tiny", seed=0)).eval()))
+            yield _MODELS[-1]
+
+
+def model_for(policy: CachePolicy):
+    for _, model in candidate_models():
+        try:
+            with policy.scores_from(model):
+                return model
+        except SwiftKVInputError:
+            continue
+    pytest.fail(f"no tiny model can feed policy {policy.name!r}")
+
+
+@pytest.mark.parametrize("chunk", [None, 16], ids=["one-prefill", "chunked-prefill"])
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_respects_its_budget_and_keeps_its_protected_tokens(name, chunk):
+    policy = generic_policy(POLICIES[name])
+    model = model_for(policy)
+    ids = prompt(batch=2, length=40)
+    new = 6
+    with policy.scores_from(model):
+        out = greedy_generate(model, ids, new, policy=policy, prefill_chunk=chunk)
+    fed = 40 + new - 1  # the last generated token is never fed back
+    assert len(out.cache.layers) == model.config.num_hidden_layers
+    if not isinstance(policy, BudgetedPolicy):  # keeps everything
+        assert out.tokens_held_after_prefill == 40
+        assert all((layer.positions == torch.arange(fed, dtype=torch.int32)).all() for layer in out.cache.layers)
+        return
+    oldest, newest = policy.protected()
+    assert policy.capacity == BUDGET and out.tokens_held_after_prefill == BUDGET
+    assert 0 < oldest + newest < BUDGET or name == "streaming_llm"  # StreamingLLM protects all it keeps
+    held = BUDGET if policy.evict_during_decode else BUDGET + new - 1
+    # where the protected newest entries end: the last token fed, or the prompt when decoding does not evict
+    end = fed if policy.evict_during_decode else 40
+    for layer in out.cache.layers:
+        positions = layer.positions
+        assert positions.shape == (2, model.config.num_key_value_heads, held)
+        assert (positions.diff(dim=-1) > 0).all()  # distinct, in position order
+        kept = positions if policy.evict_during_decode else positions[..., :BUDGET]
+        assert (kept[..., :oldest] == torch.arange(oldest, dtype=torch.int32)).all()
+        assert (kept[..., BUDGET - newest:] == torch.arange(end - newest, end, dtype=torch.int32)).all()
+        if not policy.evict_during_decode:
+            assert (positions[..., BUDGET:] == torch.arange(40, fed, dtype=torch.int32)).all()
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_declares_its_settings_as_dataclass_fields(name):
+    cls = POLICIES[name]
+    assert "__dataclass_fields__" in cls.__dict__, f"{cls.__name__} must be decorated with @dataclass(kw_only=True)"
+    policy = generic_policy(cls)
+    fields = [f.name for f in cls.setting_fields()]
+    assert set(policy.settings()) == {"name", "budget", *fields} and policy.settings()["name"] == name
+    assert build_policy(name, **{f: getattr(policy, f) for f in fields}) == policy
+    hints = typing.get_type_hints(cls)
+    for field in fields:  # a value of the wrong type is refused, naming the setting
+        if hints[field] in (int, float, bool, int | None, float | None):
+            with pytest.raises(SwiftKVInputError, match=f"cache policy '{name}': {field}='x' must be"):
+                cls(**{**{f: getattr(policy, f) for f in fields}, field: "x"})
+
+
+def test_build_policy_names_the_valid_settings():
+    with pytest.raises(SwiftKVInputError, match=r"cache policy 'h2o' has no setting 'recent_shar': its settings are "
+                                                r"budget \(required\), recent_share=0\.5, observation_window=None\."):
+        build_policy("h2o", budget=8, recent_shar=0.4)
+    with pytest.raises(SwiftKVInputError, match="cache policy 'full' has no setting 'budget': its settings are none"):
+        build_policy("full", budget=8)
+    with pytest.raises(SwiftKVInputError, match=r"cache policy 'keyformer': tau_end=0\.0 must be > 0"):
+        build_policy("keyformer", tau_end=0)
+    with pytest.raises(SwiftKVInputError, match=r"cache policy 'snapkv': pool_kernel=4 must be odd"):
+        build_policy("snapkv", budget=8, pool_kernel=4)
+    with pytest.raises(SwiftKVInputError, match=r"cache policy 'h2o': recent_share=1\.5 must be a share"):
+        H2O(8, recent_share=1.5)
+    with pytest.raises(SwiftKVInputError, match=r"cache policy 'streaming_llm': budget='half' is not understood"):
+        StreamingLLM("half")
+    assert Keyformer().budget == Budget(fraction=0.6) and Keyformer().tau_init == 1.0  # its own defaults
+    assert H2O(8, recent_share=1).recent_share == 1.0 and isinstance(H2O(8, recent_share=1).recent_share, float)
+
+
+def test_a_policy_registers_itself_by_declaring_its_name():
+    try:
+        @dataclasses.dataclass(kw_only=True)
+        class KeepNewest(BudgetedPolicy):
+            name = "test_keep_newest"
+            margin: int = 1
+
+            def protected(self):
+                return 0, self.capacity
+
+            def select(self, view, step):
+                return self.keep_top(torch.zeros(view.positions.shape))
+
+        assert POLICIES["test_keep_newest"] is KeepNewest
+        policy = build_policy("test_keep_newest", budget="50%", margin=2)
+        assert policy.settings() == {"name": "test_keep_newest", "budget": "50% of the prompt", "margin": 2}
+        with pytest.raises(TypeError, match="two cache policies are named 'test_keep_newest'"):
+            class Again(CachePolicy):
+                name = "test_keep_newest"
+    finally:
+        POLICIES.pop("test_keep_newest", None)
+    assert "" not in POLICIES and BudgetedPolicy not in POLICIES.values()  # intermediate classes do not register
+
+
+@pytest.mark.parametrize("first", ["swiftkv_train.policies", "swiftkv_train.policies.cache",
+                                   "swiftkv_train.methods", "swiftkv_train.methods.locret.policy"])
+def test_policies_import_in_any_order(first):
+    """swiftkv_train.policies asks the method registry for cache slots, and a method may ship a policy: importing
+    either package first (in a fresh interpreter) must work and register every policy."""
+    code = (f"import {first}\nfrom swiftkv_train.policies import POLICIES\n"
+            "from swiftkv_train.methods import METHODS\nprint(sorted(POLICIES))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(sorted(POLICIES))

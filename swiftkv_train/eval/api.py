@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import datetime
 import platform
 from pathlib import Path
@@ -12,8 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 from ..errors import SwiftKVInputError
-from ..policies import POLICIES, build_policy
-from .config import SUITES, EvalConfig
+from ..policies import POLICIES, CachePolicy, build_policy
+from .config import MOVED_POLICY_SETTINGS, SUITES, EvalConfig, evaluable_policies
 from .efficiency import run_efficiency
 from .fidelity import run_fidelity
 from .lm_eval_suite import run_lm_eval
@@ -23,16 +22,6 @@ from .report import write_results
 from .subjects import Subject, has_mode_switch, teacher_of
 
 __all__ = ["evaluate", "make_config", "parse_suites", "policies_from_config"]
-
-# Policy names the harness accepts -> the policy they build. "locret": Locret's trained retaining heads (a
-# llama_locret model) ranking entries, through the shared learned-score policy.
-_EVAL_POLICIES = {"streaming_llm": "streaming_llm", "h2o": "h2o", "keyformer": "keyformer", "snapkv": "snapkv",
-                  "locret": "learned"}
-
-
-def _policy_settings(policy: str) -> list[str]:
-    """The settings a policy takes: its constructor's parameters (declared once, in the policy class)."""
-    return [name for name in inspect.signature(POLICIES[policy].__init__).parameters if name != "self"]
 
 
 def make_config(config=None, **overrides):
@@ -60,28 +49,42 @@ def parse_suites(suite) -> list[str]:
     return names
 
 
-def policies_from_config(cfg) -> list[tuple[str, object]]:
-    """(name, policy) pairs from ``cfg.policies`` (PolicyConfig)."""
+def policies_from_config(cfg) -> list[tuple[str, CachePolicy]]:
+    """(label, policy) pairs from ``cfg.policies`` (PolicyConfig): each named policy built from its own section
+    ``overrides.<name>`` (its dataclass's settings and defaults), with ``budget`` unless the section sets one."""
+    evaluable = evaluable_policies()
+    moved = [key for key in MOVED_POLICY_SETTINGS if cfg.get(key) is not None]
+    if moved:
+        raise SwiftKVInputError("; ".join(
+            f"policies.{key}={cfg[key]} was replaced by per-policy settings: "
+            + " ".join(f"policies.overrides.{name}.{key}={cfg[key]}" for name in _having(key, cfg.names, evaluable))
+            for key in moved
+        ))
     out = []
     for name in cfg.names:
-        if name not in _EVAL_POLICIES:
-            raise SwiftKVInputError(f"policies.names: unknown policy {name!r}; use any of {', '.join(_EVAL_POLICIES)}.")
-        policy = _EVAL_POLICIES[name]
-        # The shared settings this policy has; unset ones (null) leave the policy's own default.
-        settings = {k: cfg[k] for k in _policy_settings(policy) if k in cfg and cfg[k] is not None}
-        settings.update(OmegaConf.to_container(cfg.overrides, resolve=True).get(name, {}) if cfg.overrides else {})
-        label = f"{name}@{settings.get('budget', '')}"
-        out.append((label, build_policy(policy, **settings)))
+        if name not in evaluable:
+            what = (f"policy {name!r} keeps every entry: it is the run every evaluation already has" if name in POLICIES
+                    else f"unknown policy {name!r}")
+            raise SwiftKVInputError(f"policies.names: {what}; use any of {', '.join(evaluable)}.")
+        settings = OmegaConf.to_container(cfg.overrides[name], resolve=True)
+        settings["budget"] = settings.get("budget") or cfg.budget
+        try:
+            policy = build_policy(name, **settings)
+        except SwiftKVInputError as err:
+            raise SwiftKVInputError(f"policies.overrides.{name}: {err}") from None
+        out.append((f"{name}@{settings['budget']}", policy))
     return out
 
 
-def _scorer(subject: Subject, label: str):
-    """The Locret policy needs the model's retaining heads to report scores; other policies score themselves."""
-    if label.startswith("locret@"):
-        from ..policies.locret import locret_scores
+def _having(setting: str, names, evaluable: dict) -> list[str]:
+    """The named policies (all evaluable ones when none is named) that have ``setting``."""
+    candidates = [n for n in names if n in evaluable] or list(evaluable)
+    return [n for n in candidates if any(f.name == setting for f in evaluable[n].setting_fields())]
 
-        return locret_scores(subject.model)
-    return contextlib.nullcontext()
+
+def _scores(subject: Subject, policy: CachePolicy | None):
+    """What makes ``subject``'s model push the scores ``policy`` ranks by (nothing for most policies)."""
+    return policy.scores_from(subject.model) if policy is not None else contextlib.nullcontext()
 
 
 def _meta(cfg, subjects: list[Subject]) -> dict:
@@ -105,6 +108,9 @@ def _preflight(cfg, names, runs, teacher_subject) -> None:
     from .needle import check_config as check_retrieval
 
     subjects = list({id(s): s for s, _, _ in runs}.values())
+    for subject, _, policy in runs:
+        with _scores(subject, policy):  # a policy fed by the model refuses a model that cannot feed it
+            pass
     for subject in subjects:
         if "fidelity" in names and teacher_subject is not None and subject is runs[0][0]:
             check_fidelity(subject, cfg.fidelity)
@@ -164,12 +170,12 @@ def evaluate(model, tokenizer, suites="fidelity", teacher=None, teacher_tokenize
             variant, section = (NEEDLE, cfg.needle) if suite == "needle" else (PASSKEY, cfg.passkey)
             results[suite] = []
             for s, label, p in runs:
-                with _scorer(s, label):
+                with _scores(s, p):
                     results[suite].append(run_retrieval(s, variant, section, p, label, progress))
         elif suite == "efficiency":
             results[suite] = []
             for s, label, p in runs:
-                with _scorer(s, label):
+                with _scores(s, p):
                     results[suite].append(run_efficiency(s, cfg.efficiency, p, label, progress))
         elif suite == "lm_eval":
             results[suite] = [run_lm_eval(s, cfg.lm_eval) for s in subjects]

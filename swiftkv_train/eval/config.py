@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,6 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from ..methods import transform_schema
+from ..policies import POLICIES, BudgetedPolicy
 
 SUITES = ("fidelity", "needle", "passkey", "lm_eval", "efficiency")
 PG_ESSAYS = "/work/shared/data/pg_essays"
@@ -17,24 +22,74 @@ PG_ESSAYS = "/work/shared/data/pg_essays"
 EvalTransformConfig = transform_schema(None)
 
 
+def _omegaconf_type(hint):
+    """A field's annotation as OmegaConf can check it: bool/int/float/str (or ``X | None``), else Any."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    plain = [a for a in args if a is not type(None)]
+    return hint if len(plain) == 1 and plain[0] in (bool, int, float, str) else Any
+
+
+def _policy_section(policy: type) -> type:
+    """One policy's settings for the CLI: its dataclass fields, with their types and the policy's OWN defaults
+    (``budget`` null: ``policies.budget``)."""
+    hints = typing.get_type_hints(policy)
+    fields = []
+    for f in policy.setting_fields():
+        if f.name == "budget":
+            fields.append(("budget", str | None, field(default=None)))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:  # a factory's value, or OmegaConf's MISSING for a setting without a default (required)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else MISSING
+        spec = field(default_factory=lambda d=default: copy.deepcopy(d)) if isinstance(default, (list, dict, set)) \
+            else field(default=default)
+        fields.append((f.name, _omegaconf_type(hints[f.name]), spec))
+    return dataclasses.make_dataclass(f"{policy.__name__}Settings", fields)
+
+
+def evaluable_policies() -> dict[str, type]:
+    """The registered policies the harness runs next to the full cache: those with a budget."""
+    return {name: cls for name, cls in sorted(POLICIES.items()) if issubclass(cls, BudgetedPolicy)}
+
+
+# ``policies.overrides``: one section per policy, built from the policies' own dataclasses (so every setting and
+# its default is declared once, in the policy class, and ``--cfg job`` shows them).
+PolicySettings = dataclasses.make_dataclass(
+    "PolicySettings",
+    [(name, section, field(default_factory=section))
+     for name, section in ((name, _policy_section(cls)) for name, cls in evaluable_policies().items())],
+)
+
+
+def _moved():
+    """A flat setting of earlier versions (one value for every named policy that had the field): null; setting it
+    is an error naming the per-policy keys that replaced it (eval.api.policies_from_config)."""
+    return field(default=None, metadata={"moved": True})
+
+
 @dataclass
 class PolicyConfig:
-    # Cache policies the model is also run under (needle, passkey, efficiency), next to the full cache:
-    # any of streaming_llm, h2o, keyformer, snapkv. Empty = full cache only.
+    # Cache policies the model is also run under (needle, passkey, efficiency), next to the full cache: any
+    # registered policy with a budget (a section of `overrides` below). Empty = full cache only.
     names: list[str] = field(default_factory=list)
-    # Tokens ("512"), share of the prompt ("50%" / "0.5") or compression ratio ("4x"); per policy in `overrides`.
+    # Tokens ("512"), share of the prompt ("50%" / "0.5") or compression ratio ("4x") for every named policy; one
+    # policy's own: overrides.<policy>.budget.
     budget: str = "50%"
-    # Settings below apply to every named policy that has them; null = each policy's own default (its class
-    # declares it: H2O recent_share 0.5, Keyformer 0.3, SnapKV observation_window 32, ...).
-    sink_tokens: int | None = None  # StreamingLLM
-    stabilizers: int | None = None  # Locret: newest entries always kept
-    recent_share: float | None = None  # H2O, Keyformer
-    tau_init: float | None = None  # Keyformer
-    tau_end: float | None = None
-    observation_window: int | None = None  # H2O/Keyformer: score only the last n query rows; SnapKV: window
-    seed: int | None = None
-    # Per-policy settings that win over the shared ones, e.g. {keyformer: {budget: "60%"}}.
-    overrides: dict[str, Any] = field(default_factory=dict)
+    # Each policy's settings, with its own defaults: policies.overrides.h2o.recent_share=0.4 (or
+    # 'policies.overrides={h2o: {recent_share: 0.4}}').
+    overrides: PolicySettings = field(default_factory=PolicySettings)
+    # Old flat spellings, replaced by overrides.<policy>.<setting>: setting one fails naming its replacement.
+    sink_tokens: Any = _moved()
+    stabilizers: Any = _moved()
+    recent_share: Any = _moved()
+    tau_init: Any = _moved()
+    tau_end: Any = _moved()
+    observation_window: Any = _moved()
+    seed: Any = _moved()
+
+
+MOVED_POLICY_SETTINGS = tuple(f.name for f in dataclasses.fields(PolicyConfig) if f.metadata.get("moved"))
 
 
 @dataclass
@@ -87,7 +142,7 @@ class EfficiencyConfig:
 @dataclass
 class EvalConfig:
     model: str = MISSING  # any load_pretrained spec or an export directory
-    teacher: str | None = None  # a spec, or "self" (a SwiftKV model run with swiftkv(False))
+    teacher: str | None = None  # a spec, or "self" (a converted model run in the original mode it keeps)
     # One of SUITES, "all", or several: suite=[fidelity,needle] (or quoted: 'suite="fidelity,needle"').
     suite: Any = "fidelity"
     out_dir: str = "eval_out"

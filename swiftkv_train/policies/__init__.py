@@ -3,31 +3,21 @@
     from swiftkv_train.policies import build_policy, greedy_generate
     out = greedy_generate(model, input_ids, max_new_tokens=32, policy=build_policy("keyformer", budget="50%"))
 
-See base.py for the interface (and how a learned scorer such as Locret plugs in), cache.py for the cache,
-attention.py for how attention scores are obtained without a full S x S matrix.
+A policy is a dataclass whose fields are its settings and registers itself in ``POLICIES`` by declaring ``name``
+(see base.py). baselines.py holds the training-free ones; a method that trains a scorer ships its policy in its own
+folder (``swiftkv_train/methods/<name>/policy.py``; importing ``swiftkv_train.methods`` registers it). cache.py is
+the cache, active.py what a running generation shares with the model, attention.py how attention scores are
+obtained without a full S x S matrix, generate.py the prefill/decode loop.
 """
 
-from ..errors import SwiftKVInputError
-from .base import Budget, CachePolicy, SlotView, StepInfo, recent_plus_top_k
+from .active import record_token_scores
+from .base import POLICIES, Budget, BudgetedPolicy, CachePolicy, SlotView, StepInfo, build_policy, recent_plus_top_k
 from .baselines import H2O, FullCache, Keyformer, LearnedScorePolicy, SnapKV, StreamingLLM
-from .cache import PolicyCache, record_token_scores
+from .cache import PolicyCache
 from .generate import GenerationResult, decode_step, greedy_generate, new_cache, policy_attention, prefill
 
-POLICIES = {cls.name: cls for cls in (FullCache, StreamingLLM, H2O, Keyformer, SnapKV, LearnedScorePolicy)}
-
-
-def build_policy(name: str, **settings) -> CachePolicy:
-    """A policy by name (``full``, ``streaming_llm``, ``h2o``, ``keyformer``, ``snapkv``) with its settings."""
-    if name not in POLICIES:
-        raise SwiftKVInputError(f"unknown cache policy {name!r}: use one of {', '.join(POLICIES)}.")
-    try:
-        return POLICIES[name](**settings)
-    except TypeError as err:
-        raise SwiftKVInputError(f"policy {name!r}: {err}. Check the setting names.") from None
-
-
 __all__ = [
-    "Budget", "CachePolicy", "SlotView", "StepInfo", "recent_plus_top_k",
+    "Budget", "BudgetedPolicy", "CachePolicy", "SlotView", "StepInfo", "recent_plus_top_k",
     "FullCache", "StreamingLLM", "H2O", "Keyformer", "SnapKV", "LearnedScorePolicy",
     "PolicyCache", "record_token_scores",
     "GenerationResult", "greedy_generate", "new_cache", "policy_attention", "prefill", "decode_step",

@@ -16,19 +16,12 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from ..methods import method_of_config
-from .cache import active_cache
+from .active import active_cache, cache_slot
 
 __all__ = ["POLICY_ATTENTION", "attention_rows", "cache_slot", "register"]
 
-POLICY_ATTENTION = "swiftkv_policy_sdpa"
+POLICY_ATTENTION = "swiftkv_train_policy_sdpa"
 ROW_BLOCK = 256
-
-
-def cache_slot(module) -> int:
-    """Cache slot a layer's attention reads: its own, or the one its model's method makes it share."""
-    method = method_of_config(module.config)
-    return method.cache_slot(module.config, module.layer_idx) if method is not None else module.layer_idx
 
 
 def attention_rows(query, key, attention_mask, scaling: float, rows: int | None = None, row_block: int = ROW_BLOCK):

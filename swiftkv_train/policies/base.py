@@ -5,28 +5,46 @@ as the model produced them (RoPE already applied, so every kept token keeps its 
 original position of each entry and one running score per entry and KV head. At the end of every forward step
 (each prefill chunk, each decoded token) the cache asks the policy which entries to keep.
 
+A policy is a dataclass whose fields ARE its settings (declared once, with their defaults; checked once, in
+`validate`, when it is built; listed by `settings()` in results files and by the eval CLI), and it registers itself
+in `POLICIES` by declaring ``name``::
+
+    @dataclass(kw_only=True)
+    class KeepTheMiddle(BudgetedPolicy):
+        name = "middle"
+        margin: int = 4  # a setting: build_policy("middle", budget="50%", margin=8)
+
+        def select(self, view, step): ...
+
 Where scores come from, by policy:
 
 - none (full cache, StreamingLLM): `select` looks at positions only;
 - attention (H2O, Keyformer, SnapKV): the attention hook (attention.py) recomputes the scaled, masked logits of the
   step's query rows against the slot's keys, block by block, and hands each block to `attention_contribution`;
   the per-key result is added to the running score (`accumulate`);
-- pushed by the model (a learned scorer such as Locret's retaining heads): the model calls
-  `record_token_scores(layer_idx, scores)` (cache.py) with one score per new token and KV head, and the policy
-  ranks by it. See `LearnedScorePolicy`.
+- pushed by the model (a learned scorer inside it, e.g. trained retaining heads): while `scores_from(model)` is
+  active, the model calls `record_token_scores(module, scores)` (active.py) with one score per new token and KV
+  head, and the policy ranks by it. See `LearnedScorePolicy`; a method that trains such a scorer ships its policy
+  (a subclass whose `scores_from` hooks the model) in its own folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import re
-from dataclasses import dataclass
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from ..errors import SwiftKVInputError
 
-__all__ = ["Budget", "StepInfo", "SlotView", "CachePolicy", "recent_plus_top_k"]
+__all__ = ["Budget", "StepInfo", "SlotView", "CachePolicy", "BudgetedPolicy", "POLICIES", "build_policy",
+           "recent_plus_top_k"]
 
 
 @dataclass(frozen=True)
@@ -121,30 +139,112 @@ class SlotView:
         return self.keys.shape[-2]
 
 
+# name -> policy class, filled as each policy class is defined (a subclass that declares ``name`` registers itself).
+POLICIES: dict[str, type[CachePolicy]] = {}
+
+_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+
+
+def _plain_type(hint) -> tuple[type | None, bool]:
+    """(bool/int/float/str, optional) for a field annotated with one of those (or ``X | None``); (None, _) else."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    optional = type(None) in args
+    rest = [a for a in args if a is not type(None)]
+    return (rest[0] if len(rest) == 1 and rest[0] in _KINDS else None), optional
+
+
+@dataclass(kw_only=True)
 class CachePolicy:
-    """Base class: the full cache (keeps everything). Subclasses override what they need.
+    """The interface (it keeps everything). A policy subclasses it (or `BudgetedPolicy`) as a dataclass.
 
     Per sequence the cache calls ``start`` once; per step and slot, the attention hook calls
-    ``attention_contribution`` (only if ``needs_attention``) and the cache then calls ``select``.
+    ``attention_contribution`` (only if ``needs_attention``) and the cache then calls ``select``. Settings are the
+    dataclass fields (``init=False`` fields are per-sequence state, not settings); ``validate`` checks them once,
+    when the policy is built, after their types have been checked against the annotations.
     """
 
-    name = "full"
+    #: Registry name (``build_policy(name)``, ``policies.names`` of the eval CLI); empty = not a policy by itself.
+    name: ClassVar[str] = ""
     #: True if `select` needs scores from the attention hook (the hook is skipped otherwise: no extra compute).
-    needs_attention = False
+    needs_attention: ClassVar[bool] = False
     #: True if `select` reads ``view.scores`` (attention-based or pushed by the model); False saves the memory.
-    uses_scores = False
+    uses_scores: ClassVar[bool] = False
+    # The two traits below are class attributes here; a policy may make either a setting (a field) instead.
     #: Query rows scored per step: None = every row of the step; n = only the last n rows (SnapKV-style window).
-    observation_window: int | None = None
+    observation_window = None
     #: False = evict only once, right after the prompt (SnapKV); True = after every step (H2O, Keyformer, ...).
     evict_during_decode = True
 
-    def __init__(self, budget: Budget | int | float | str | None = None):
-        self.budget = None if budget is None else Budget.parse(budget)
-        self.capacity: int | None = None
+    #: Entries kept per slot for the current sequence (the budget resolved against its prompt); None = all.
+    capacity: int | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if not name:
+            return  # an intermediate class (e.g. BudgetedPolicy)
+        known = POLICIES.get(name)
+        if known is not None and known.__qualname__ != cls.__qualname__:
+            raise TypeError(f"two cache policies are named {name!r}: {known} and {cls}")
+        POLICIES[name] = cls
+
+    # ---- settings --------------------------------------------------------------------------------------------
+    @classmethod
+    def setting_fields(cls) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(cls) if f.init]
+
+    @classmethod
+    def describe_settings(cls) -> str:
+        """``budget (required), recent_share=0.5, ...``: the settings and their defaults, for errors and help."""
+        def one(f):
+            if f.metadata.get("required"):
+                return f"{f.name} (required)"
+            if f.default is not dataclasses.MISSING:
+                return f"{f.name}={f.default!r}"
+            if f.default_factory is not dataclasses.MISSING:
+                return f"{f.name}={f.default_factory()!r}"
+            return f.name
+        return ", ".join(one(f) for f in cls.setting_fields()) or "none"
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in self.setting_fields():
+            kind, optional = _plain_type(hints[f.name])
+            value = getattr(self, f.name)
+            if kind is None or (value is None and optional):
+                continue
+            ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value, ok = float(value), True
+                setattr(self, f.name, value)
+            if not ok:
+                self.refuse(f.name, f"must be {_KINDS[kind]}{' or null' if optional else ''}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the settings (types are already checked); raise with `refuse`. Subclasses call super()."""
+
+    def refuse(self, setting: str, rule: str):
+        """Raise the error for a bad setting: the policy, the setting, its value and what it must be."""
+        raise SwiftKVInputError(f"cache policy {self.name!r}: {setting}={getattr(self, setting)!r} {rule}.")
+
+    def settings(self) -> dict:
+        """Every setting (and the name), for results files; the budget in words."""
+        out = {"name": self.name, "budget": None}
+        for f in self.setting_fields():
+            value = getattr(self, f.name)
+            out[f.name] = value.describe() if isinstance(value, Budget) else value
+        return out
+
+    # ---- the protocol ----------------------------------------------------------------------------------------
+    def scores_from(self, model) -> contextlib.AbstractContextManager:
+        """While this context is active, ``model`` pushes the scores the policy ranks by (a policy fed by a scorer
+        inside the model hooks it here; refuse a model without one). Default: nothing to hook."""
+        return contextlib.nullcontext()
 
     def start(self, prompt_len: int, max_new_tokens: int) -> None:
-        """A new sequence: resolve the budget against the prompt and reset per-sequence state."""
-        self.capacity = None if self.budget is None else self.budget.resolve(prompt_len)
+        """A new sequence: reset per-sequence state (a budgeted policy resolves its budget against the prompt)."""
+        self.capacity = None
 
     def attention_contribution(self, slot: int, logits: torch.Tensor, row_start: int, step: StepInfo) -> torch.Tensor:
         """Per-key score of one block of query rows.
@@ -163,9 +263,60 @@ class CachePolicy:
         """Indices to keep, [B, H_kv, k] ascending, or None to keep everything."""
         return None
 
-    def settings(self) -> dict:
-        """Every knob, for results files."""
-        return {"name": self.name, "budget": None if self.budget is None else self.budget.describe()}
+
+@dataclass(kw_only=True)
+class BudgetedPolicy(CachePolicy):
+    """A policy that keeps at most ``budget`` entries per slot and KV head (``capacity`` once the prompt is known).
+
+    ``budget``: tokens (512), a share of the prompt ("50%", 0.5) or a compression ratio ("4x"); see `Budget`.
+    """
+
+    budget: Budget | int | float | str | None = field(default=None, kw_only=False, metadata={"required": True})
+
+    def validate(self) -> None:
+        super().validate()
+        if self.budget is None:
+            raise SwiftKVInputError(
+                f"cache policy {self.name!r} needs a budget: budget=512 (tokens), '50%' (of the prompt) or '4x' "
+                "(compression ratio)."
+            )
+        try:
+            self.budget = Budget.parse(self.budget)
+        except SwiftKVInputError as err:
+            raise SwiftKVInputError(f"cache policy {self.name!r}: {err}") from None
+
+    def start(self, prompt_len: int, max_new_tokens: int) -> None:
+        super().start(prompt_len, max_new_tokens)
+        self.capacity = self.budget.resolve(prompt_len)
+
+    def protected(self) -> tuple[int, int]:
+        """(oldest, newest): how many of the first and of the last entries every eviction keeps whatever their
+        score (attention sinks, a recent window, stabilizers), once ``capacity`` is known. Default: none."""
+        return 0, 0
+
+    def keep_top(self, ranking: torch.Tensor) -> torch.Tensor | None:
+        """`select` for a policy that ranks entries: the protected ends plus the best-ranked rest, up to capacity."""
+        oldest, newest = self.protected()
+        return recent_plus_top_k(ranking, self.capacity, recent=newest, sinks=oldest)
+
+    def check_share(self, setting: str) -> None:
+        """``setting`` must be a share in [0, 1]."""
+        if not 0 <= getattr(self, setting) <= 1:
+            self.refuse(setting, "must be a share between 0 and 1")
+
+
+def build_policy(name: str, **settings) -> CachePolicy:
+    """A policy by registered name (``full``, ``streaming_llm``, ``h2o``, ...; see `POLICIES`) with its settings."""
+    cls = POLICIES.get(name)
+    if cls is None:
+        raise SwiftKVInputError(f"unknown cache policy {name!r}: use one of {', '.join(sorted(POLICIES))}.")
+    unknown = sorted(set(settings) - {f.name for f in cls.setting_fields()})
+    if unknown:
+        raise SwiftKVInputError(
+            f"cache policy {name!r} has no setting {', '.join(map(repr, unknown))}: its settings are "
+            f"{cls.describe_settings()}."
+        )
+    return cls(**settings)
 
 
 def recent_plus_top_k(scores: torch.Tensor, budget: int, recent: int, sinks: int = 0) -> torch.Tensor | None:

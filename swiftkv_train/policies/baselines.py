@@ -1,13 +1,16 @@
-"""Training-free eviction baselines (and the learned-score slot) on the one `CachePolicy` interface."""
+"""Training-free eviction baselines (and the learned-score slot) on the one `CachePolicy` interface.
+
+Each is a dataclass whose fields are its settings, with their defaults; `validate` checks what the types do not.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import SwiftKVInputError
-from .base import CachePolicy, SlotView, StepInfo, recent_plus_top_k
+from .base import Budget, BudgetedPolicy, CachePolicy, SlotView, StepInfo
 
 __all__ = [
     "FullCache",
@@ -21,74 +24,69 @@ __all__ = [
 ]
 
 
-def _share(value: float, field: str) -> float:
-    if not 0 <= value <= 1:
-        raise SwiftKVInputError(f"{field}={value} must be a share between 0 and 1.")
-    return float(value)
-
-
+@dataclass(kw_only=True)
 class FullCache(CachePolicy):
     """Keeps everything: the reference every other policy is compared with."""
 
     name = "full"
 
-    def __init__(self):
-        super().__init__(None)
 
-
-class _Budgeted(CachePolicy):
-    def __init__(self, budget):
-        if budget is None:
-            raise SwiftKVInputError(f"policy {self.name!r} needs a budget (tokens, '50%' or '4x').")
-        super().__init__(budget)
-
-
-class StreamingLLM(_Budgeted):
+@dataclass(kw_only=True)
+class StreamingLLM(BudgetedPolicy):
     """Attention sinks (the first ``sink_tokens`` positions) plus the most recent tokens, ``budget`` in all."""
 
     name = "streaming_llm"
 
-    def __init__(self, budget, sink_tokens: int = 4):
-        super().__init__(budget)
-        if sink_tokens < 0:
-            raise SwiftKVInputError(f"sink_tokens={sink_tokens} must be >= 0.")
-        self.sink_tokens = sink_tokens
+    sink_tokens: int = 4
+
+    def validate(self):
+        super().validate()
+        if self.sink_tokens < 0:
+            self.refuse("sink_tokens", "must be >= 0 (the first positions always kept)")
+
+    def protected(self):
+        sinks = min(self.sink_tokens, self.capacity)
+        return sinks, self.capacity - sinks  # everything kept is protected: no ranking
 
     def select(self, view: SlotView, step: StepInfo):
-        budget = self.capacity
-        if view.length <= budget:
+        if view.length <= self.capacity:
             return None
-        sinks = min(self.sink_tokens, budget)
-        zeros = torch.zeros(view.positions.shape, dtype=torch.float32, device=view.keys.device)
-        return recent_plus_top_k(zeros, budget, recent=budget - sinks, sinks=sinks)
-
-    def settings(self):
-        return {**super().settings(), "sink_tokens": self.sink_tokens}
+        return self.keep_top(torch.zeros(view.positions.shape, dtype=torch.float32, device=view.keys.device))
 
 
-class H2O(_Budgeted):
+def _check_window(policy: BudgetedPolicy) -> None:
+    if policy.observation_window is not None and policy.observation_window < 1:
+        policy.refuse("observation_window", "must be >= 1 (the last query rows scored) or null (every row)")
+
+
+@dataclass(kw_only=True)
+class H2O(BudgetedPolicy):
     """Heavy hitters: accumulated attention probability (summed over query heads and steps) plus a recent window.
 
-    ``recent_share`` of the budget goes to the newest tokens (H2O uses equal heavy and recent shares).
+    ``recent_share`` of the budget goes to the newest tokens (H2O uses equal heavy and recent shares);
+    ``observation_window``: score only the last n query rows of each step (null = every row).
     """
 
     name = "h2o"
     needs_attention = True
     uses_scores = True
 
-    def __init__(self, budget, recent_share: float = 0.5, observation_window: int | None = None):
-        super().__init__(budget)
-        self.recent_share = _share(recent_share, "recent_share")
-        self.observation_window = observation_window
+    recent_share: float = 0.5
+    observation_window: int | None = None
+
+    def validate(self):
+        super().validate()
+        self.check_share("recent_share")
+        _check_window(self)
 
     def recent_tokens(self) -> int:
         return math.floor(self.capacity * self.recent_share)
 
-    def select(self, view: SlotView, step: StepInfo):
-        return recent_plus_top_k(view.scores, self.capacity, recent=self.recent_tokens())
+    def protected(self):
+        return 0, self.recent_tokens()
 
-    def settings(self):
-        return {**super().settings(), "recent_share": self.recent_share, "observation_window": self.observation_window}
+    def select(self, view: SlotView, step: StepInfo):
+        return self.keep_top(view.scores)
 
 
 def keyformer_noise_seed(seed: int, slot: int, step: int, row_start: int) -> int:
@@ -105,6 +103,7 @@ def gumbel_noise(shape, seed: int, device) -> torch.Tensor:
     return -torch.log(-torch.log(uniform))
 
 
+@dataclass(kw_only=True)
 class Keyformer(H2O):
     """Keyformer: Gumbel-regularised scores accumulated over decoding, recent window, budget from the prompt.
 
@@ -118,13 +117,18 @@ class Keyformer(H2O):
 
     name = "keyformer"
 
-    def __init__(self, budget="60%", recent_share: float = 0.3, tau_init: float = 1.0, tau_end: float = 2.0,
-                 seed: int = 0, observation_window: int | None = None):
-        super().__init__(budget, recent_share, observation_window)
-        if tau_init <= 0 or tau_end <= 0:
-            raise SwiftKVInputError(f"tau_init={tau_init} and tau_end={tau_end} must be > 0.")
-        self.tau_init, self.tau_end, self.seed = float(tau_init), float(tau_end), int(seed)
-        self.max_new_tokens = 1
+    budget: Budget | int | float | str | None = field(default="60%", kw_only=False)
+    recent_share: float = 0.3
+    tau_init: float = 1.0
+    tau_end: float = 2.0
+    seed: int = 0
+    max_new_tokens: int = field(default=1, init=False, repr=False, compare=False)  # of the current sequence
+
+    def validate(self):
+        super().validate()
+        for setting in ("tau_init", "tau_end"):
+            if getattr(self, setting) <= 0:
+                self.refuse(setting, "must be > 0 (a softmax temperature)")
 
     def start(self, prompt_len, max_new_tokens):
         super().start(prompt_len, max_new_tokens)
@@ -139,26 +143,28 @@ class Keyformer(H2O):
         tau = self.temperature(step.decode_step)
         return torch.softmax((logits + noise) / tau, dim=-1).sum(dim=(2, 3))
 
-    def settings(self):
-        return {**super().settings(), "tau_init": self.tau_init, "tau_end": self.tau_end, "seed": self.seed}
 
-
-class SnapKV(_Budgeted):
-    """SnapKV-style: score the prompt once from its last ``observation_window`` queries (pooled over neighbours),
-    keep the top entries plus the window itself, then let the cache grow during decoding."""
+@dataclass(kw_only=True)
+class SnapKV(BudgetedPolicy):
+    """SnapKV-style: score the prompt once from its last ``observation_window`` queries (pooled over neighbours,
+    ``pool_kernel`` wide), keep the top entries plus the window itself, then let the cache grow during decoding."""
 
     name = "snapkv"
     needs_attention = True
     uses_scores = True
     evict_during_decode = False
 
-    def __init__(self, budget, observation_window: int = 32, pool_kernel: int = 7):
-        super().__init__(budget)
-        if observation_window < 1 or pool_kernel < 1 or pool_kernel % 2 == 0:
-            raise SwiftKVInputError(
-                f"observation_window={observation_window} must be >= 1 and pool_kernel={pool_kernel} odd and >= 1."
-            )
-        self.observation_window, self.pool_kernel = observation_window, pool_kernel
+    observation_window: int = 32
+    pool_kernel: int = 7
+
+    def validate(self):
+        super().validate()
+        _check_window(self)
+        if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            self.refuse("pool_kernel", "must be odd and >= 1 (a centred max-pool width)")
+
+    def protected(self):
+        return 0, min(self.observation_window, self.capacity)  # the observation window itself
 
     def select(self, view, step):
         if self.capacity >= view.length:
@@ -168,33 +174,34 @@ class SnapKV(_Budgeted):
         pooled = torch.nn.functional.max_pool1d(
             scores.reshape(batch * heads, 1, length), self.pool_kernel, stride=1, padding=self.pool_kernel // 2
         ).reshape(batch, heads, length)
-        return recent_plus_top_k(pooled, self.capacity, recent=min(self.observation_window, self.capacity))
-
-    def settings(self):
-        return {**super().settings(), "observation_window": self.observation_window, "pool_kernel": self.pool_kernel}
+        return self.keep_top(pooled)
 
 
-class LearnedScorePolicy(_Budgeted):
-    """Rank by scores the MODEL pushes (`record_token_scores`), e.g. Locret's retaining heads.
+@dataclass(kw_only=True)
+class LearnedScorePolicy(BudgetedPolicy):
+    """Rank by scores the MODEL pushes (`record_token_scores`): a scorer trained into the model.
 
-    Locret plugs in like this: its attention module computes the causal-importance score of each new token and KV
-    head from the pre-RoPE q/k/v it already has, and calls ``record_token_scores(self, scores)`` after its cache
-    update. The policy then keeps the ``stabilizers`` newest entries plus the top-scoring rest up to the budget,
-    after every prefill chunk (``prefill_chunk`` in `greedy_generate`) and, if ``evict_during_decode``, while
-    decoding (Locret itself does not evict during decoding). Positions stay original (Locret's reference re-compacts
-    them; with RoPE applied before caching that is not possible here, which is the documented difference).
+    A scorer plugs in like this: the model's attention module computes the importance score of each new token and
+    KV head from what it already has, and calls ``record_token_scores(self, scores)`` after its cache update (a
+    forward hook installed by the policy's `scores_from(model)` can do it for a model that does not). The policy
+    then keeps the ``stabilizers`` newest entries plus the top-scoring rest up to the budget, after every prefill
+    chunk (``prefill_chunk`` in `greedy_generate`) and, if ``evict_during_decode``, while decoding. Positions stay
+    original (with RoPE applied before caching they cannot be re-compacted here).
     """
 
     name = "learned"
     uses_scores = True
 
-    def __init__(self, budget, stabilizers: int = 0, evict_during_decode: bool = False):
-        super().__init__(budget)
-        self.stabilizers = stabilizers
-        self.evict_during_decode = evict_during_decode
+    stabilizers: int = 0
+    evict_during_decode: bool = False
+
+    def validate(self):
+        super().validate()
+        if self.stabilizers < 0:
+            self.refuse("stabilizers", "must be >= 0 (the newest entries always kept)")
+
+    def protected(self):
+        return 0, self.stabilizers
 
     def select(self, view, step):
-        return recent_plus_top_k(view.scores, self.capacity, recent=self.stabilizers)
-
-    def settings(self):
-        return {**super().settings(), "stabilizers": self.stabilizers, "evict_during_decode": self.evict_during_decode}
+        return self.keep_top(view.scores)

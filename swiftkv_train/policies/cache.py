@@ -14,22 +14,13 @@ keys sit after the cached ones in the same order as the queries.
 
 from __future__ import annotations
 
-from contextvars import ContextVar
-
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..cache_stats import cache_nbytes
 from .base import CachePolicy, SlotView, StepInfo
 
-__all__ = ["PolicyCache", "PolicyLayer", "active_cache", "record_token_scores"]
-
-# The cache the attention hook reports to (set by `generate.policy_attention`).
-_ACTIVE: ContextVar["PolicyCache | None"] = ContextVar("swiftkv_active_policy_cache", default=None)
-
-
-def active_cache() -> "PolicyCache | None":
-    return _ACTIVE.get()
+__all__ = ["PolicyCache", "PolicyLayer"]
 
 
 class PolicyLayer(DynamicLayer):
@@ -125,7 +116,8 @@ class PolicyCache(Cache):
         layer.scores = self.policy.accumulate(layer.scores, contribution.to(layer.scores))
 
     def set_token_scores(self, slot: int, scores: torch.Tensor) -> None:
-        """Scores of the step's NEW tokens, [B, H_kv, q], computed by the model (a learned scorer)."""
+        """Scores of the step's NEW tokens, [B, H_kv, q], computed by the model (a learned scorer; it calls
+        `active.record_token_scores`)."""
         layer = self.layers[slot]
         new = scores.shape[-1]
         layer.scores[..., -new:] = scores.to(layer.scores)
@@ -134,18 +126,3 @@ class PolicyCache(Cache):
         """Entries in slot 0 (every slot holds the same number)."""
         return self.get_seq_length(0)
 
-
-def record_token_scores(module_or_slot, scores: torch.Tensor) -> None:
-    """Entry point for a learned scorer inside a model (e.g. Locret's retaining head).
-
-    Call it from the attention module after its cache update, with the module (or the cache slot index) and
-    one score per new token and KV head [B, H_kv, q]. A no-op when no policy cache is active, so the model runs
-    unchanged otherwise.
-    """
-    cache = active_cache()
-    if cache is None:
-        return
-    from .attention import cache_slot  # late import: attention imports this module
-
-    slot = module_or_slot if isinstance(module_or_slot, int) else cache_slot(module_or_slot)
-    cache.set_token_scores(slot, scores)

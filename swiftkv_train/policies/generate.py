@@ -1,4 +1,5 @@
-"""Greedy prefill + decode for any Llama-family model (original, SwiftKV, exported) with or without a policy.
+"""Greedy prefill + decode for any Llama-family model (original, converted by a method, exported) with or without a
+policy.
 
 The loop is explicit (not `model.generate`) because an evicting cache needs two things generate does not give:
 the ORIGINAL position of each new token (the cache length no longer says it) and a call after every forward step
@@ -17,8 +18,9 @@ from transformers.cache_utils import DynamicCache
 from ..errors import SwiftKVInputError
 from ..remote_code.transformers_compat import cache_kwarg
 from . import attention
+from .active import activated
 from .base import CachePolicy
-from .cache import _ACTIVE, PolicyCache
+from .cache import PolicyCache
 
 __all__ = ["GenerationResult", "greedy_generate", "new_cache", "policy_attention", "prefill", "decode_step"]
 
@@ -36,17 +38,16 @@ def policy_attention(model, cache):
             "load_pretrained(spec, attn_implementation='sdpa')."
         )
     attention.register()
-    token = _ACTIVE.set(cache)
     model.config._attn_implementation = attention.POLICY_ATTENTION
     try:
-        yield
+        with activated(cache):
+            yield
     finally:
         model.config._attn_implementation = current
-        _ACTIVE.reset(token)
 
 
 def new_cache(policy: CachePolicy | None, prompt_len: int, max_new_tokens: int, model=None):
-    """The policy's cache; without a policy, the model's own kind (``model.new_cache()``, e.g. CSKV's compressed
+    """The policy's cache; without a policy, the model's own kind (``model.new_cache()``, e.g. a method's compressed
     cache) or a DynamicCache. The loop keeps passing this object, so it must be the one the model fills."""
     if policy is not None:
         return PolicyCache(policy, prompt_len, max_new_tokens)

@@ -15,6 +15,7 @@ from .config import INFERENCE_FIELDS, LocretConfig
 from .convert import SOURCE_TYPES, locret_model_config, to_locret
 from .measure import prefill_peak
 from .objective import answer_prefix_max_logits, locret_labels, locret_loss, locret_student, run_locret_capture
+from .policy import LocretPolicy, locret_policy, locret_scores  # noqa: F401 (registers the "locret" cache policy)
 from .remote_code import REMOTE_CODE, LlamaLocretConfig, LlamaLocretForCausalLM, LlamaLocretModel
 
 
