@@ -1,4 +1,4 @@
-"""The hand-written package list in pyproject.toml covers every package in the tree."""
+"""Packaging: setup.py finds every package folder (a new method's folder included), the wheel ships them."""
 
 import subprocess
 import sys
@@ -8,14 +8,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_every_package_is_listed_in_pyproject():
+def test_every_package_folder_is_found_without_a_list(tmp_path):
+    """setup.py's discovery finds every folder with Python files or data, including a method folder added now."""
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    listed = set(cfg["packages"])
-    on_disk = {
-        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "swiftkv_train").rglob("__init__.py")
-    }
-    assert on_disk <= listed, f"add to [tool.setuptools] packages: {sorted(on_disk - listed)}"
-    assert cfg["package-dir"]["swiftkv_kernels"] == "kernels" and "swiftkv_kernels" in listed
+    assert "packages" not in cfg and cfg["package-dir"]["swiftkv_kernels"] == "kernels"
+    code = ("import sys, setuptools; sys.argv = ['setup.py', '--name']; found = []; "
+            "setuptools.setup = lambda **kw: found.extend(kw['packages']); "
+            "exec(open('setup.py').read()); print('\\n'.join(found))")
+    new_method = ROOT / "swiftkv_train" / "methods" / "zz_probe_method"
+    new_method.mkdir()
+    try:
+        (new_method / "__init__.py").write_text("")
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    finally:
+        (new_method / "__init__.py").unlink()
+        new_method.rmdir()
+    found = set(out.stdout.split())
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "swiftkv_train").rglob("__init__.py")}
+    assert on_disk <= found, sorted(on_disk - found)
+    assert {"swiftkv_train.methods.zz_probe_method", "swiftkv_train.data.gsm8k", "swiftkv_train.recipes.recipe",
+            "swiftkv_kernels"} <= found
+    assert not any("__pycache__" in name for name in found)
 
 
 def test_kernels_folder_is_installed_as_swiftkv_kernels_only(tmp_path):
@@ -48,5 +61,6 @@ def test_wheel_builds_without_setuptools_warnings_and_ships_data(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("swiftkv_train/recipes/recipe/smollm2_swiftkv.yaml", "swiftkv_train/recipes/deepspeed/zero2.yaml",
                    "swiftkv_train/data/gsm8k/train.jsonl", "swiftkv_train/data/gsm8k/LICENSE",
-                   "swiftkv_train/models/transformers_compat.py", "swiftkv_kernels/swiftkv_prefill_kv.py"):
+                   "swiftkv_train/remote_code/transformers_compat.py", "swiftkv_kernels/swiftkv_prefill_kv.py",
+                   "swiftkv_train/methods/swiftkv/remote_code/modeling_llama_swiftkv.py", "swiftkv_train/losses/kl.py"):
         assert needed in names, needed

@@ -58,9 +58,10 @@ def check_moved_keys(args: list[str]) -> None:
 
 
 def run(cfg: DictConfig) -> dict:
-    from .api import evaluate, parse_suites
+    from .api import evaluate, parse_suites, policies_from_config
 
-    parse_suites(cfg.suite)  # fail on a bad suite before loading anything
+    parse_suites(cfg.suite)  # fail on a bad suite or policy setting before loading anything
+    policies_from_config(cfg.policies)
     device, dtype = _device_dtype(cfg)
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)

@@ -34,11 +34,14 @@ class Method(ABC):
     # The dataclass of this method's settings. ``validate()`` (if defined) raises SwiftKVInputError naming
     # ``transform.<name>.<field>``; it runs once, when the method is built.
     Config: ClassVar[type] = type(None)
-    # model_type of the model class this method's remote code defines (the student and its exports), its
-    # (config, base model, causal LM) classes, and the files its exports ship (a swiftkv_train.remote_code.RemoteCode).
-    model_type: ClassVar[str] = ""
+    # The (config, base model, causal LM) classes this method's remote code defines (the student and its exports;
+    # model_type is the config class's), and the files its exports ship (a swiftkv_train.remote_code.RemoteCode).
     model_classes: ClassVar[tuple] = ()
+    model_type: ClassVar[str] = ""
     remote_code: ClassVar[object] = None
+    # For a student that keeps the original model's function: the name of both its switch method and its config
+    # flag (``model.<flag>(bool)``, ``model.config.<flag>``); None when it has no such mode.
+    mode_flag: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -46,6 +49,7 @@ class Method(ABC):
             return  # an abstract intermediate class
         if not dataclasses.is_dataclass(cls.Config):
             raise TypeError(f"method {cls.name!r} must declare its settings as a dataclass: Config = ...")
+        cls.model_type = cls.model_classes[0].model_type if cls.model_classes else ""
         if cls.name in METHODS and METHODS[cls.name].__qualname__ != cls.__qualname__:
             raise TypeError(f"two methods are named {cls.name!r}: {METHODS[cls.name]} and {cls}")
         METHODS[cls.name] = cls
@@ -117,13 +121,13 @@ class Method(ABC):
     @classmethod
     def mode_switch(cls, model: nn.Module) -> Callable[[bool], object] | None:
         """``switch(True)`` runs ``model`` as the student, ``switch(False)`` as the original model it was made from
-        (same weights); None when the model has no such mode."""
-        return None
+        (same weights); None when the model has no such mode (``mode_flag`` unset)."""
+        return getattr(model, cls.mode_flag) if cls.mode_flag else None
 
     @classmethod
     def student_mode(cls, model: nn.Module) -> bool:
         """Whether ``model`` currently runs as the student (the state ``mode_switch`` changes)."""
-        return True
+        return bool(getattr(model.config, cls.mode_flag)) if cls.mode_flag else True
 
     @classmethod
     def teacher_unavailable(cls, model: nn.Module) -> str | None:

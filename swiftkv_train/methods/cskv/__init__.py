@@ -27,9 +27,9 @@ def _student(student) -> LlamaCSKVForCausalLM:
 class CSKV(Method):
     name = "cskv"
     Config = CSKVConfig
-    model_type = LlamaCSKVConfig.model_type
     model_classes = (LlamaCSKVConfig, LlamaCSKVModel, LlamaCSKVForCausalLM)
     remote_code = REMOTE_CODE
+    mode_flag = "cskv"
 
     def __init__(self, cfg=None, run_cfg=None):
         super().__init__(cfg, run_cfg)
@@ -56,14 +56,6 @@ class CSKV(Method):
         return _student(student).cskv(True)
 
     # ---- evaluation ---------------------------------------------------------------------------------------------
-    @classmethod
-    def mode_switch(cls, model):
-        return model.cskv
-
-    @classmethod
-    def student_mode(cls, model) -> bool:
-        return bool(model.config.cskv)
-
     @classmethod
     def scoring_kwargs(cls, model) -> dict:
         # CSKV attends exactly over a prompt; score every position as decoded from the compressed cache.

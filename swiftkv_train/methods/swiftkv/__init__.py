@@ -24,9 +24,9 @@ from .remote_code import REMOTE_CODE, LlamaSwiftKVConfig, LlamaSwiftKVForCausalL
 class SwiftKV(Method):
     name = "swiftkv"
     Config = SwiftKVConfig
-    model_type = LlamaSwiftKVConfig.model_type
     model_classes = (LlamaSwiftKVConfig, LlamaSwiftKVModel, LlamaSwiftKVForCausalLM)
     remote_code = REMOTE_CODE
+    mode_flag = "swiftkv"
 
     def num_key_value_layers(self, config) -> int:
         """M for this model: the setting, or half of the layers when it is None."""
@@ -82,14 +82,6 @@ class SwiftKV(Method):
         return float(teacher + 2 * student_forward + 2 * trainable)
 
     # ---- evaluation ---------------------------------------------------------------------------------------------
-    @classmethod
-    def mode_switch(cls, model):
-        return model.swiftkv
-
-    @classmethod
-    def student_mode(cls, model) -> bool:
-        return bool(model.config.swiftkv)
-
     @classmethod
     def cache_slot(cls, config, layer: int) -> int:
         """A later layer in SwiftKV mode reads its AcrossKV group's shared entry."""
