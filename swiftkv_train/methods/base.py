@@ -106,8 +106,8 @@ class Method(ABC):
         self, student: nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Final normed hidden states [B, S, H] of the teacher and of the student for fidelity metrics (KL, top-1,
-        perplexity through the shared lm_head); None when the method does not change the outputs it is
-        evaluated on (the trainer then logs that it has nothing to compare)."""
+        perplexity through the shared lm_head); None when the method does not change the model's outputs (the
+        trainer then reports the mean of the method's own loss terms on the held-out batches instead)."""
         return None
 
     # ---- export ---------------------------------------------------------------------------------------------

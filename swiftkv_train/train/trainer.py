@@ -5,6 +5,7 @@ DeepSpeed engine -> resume. Then: eval at start, train (log, eval every N, check
 final checkpoint, exports with a model card, summary.json.
 """
 
+import itertools
 import json
 import logging
 import math
@@ -185,6 +186,9 @@ class Trainer:
     # ---- evaluation ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict | None:
+        """Held-out numbers on up to ``eval_batches`` batches: the student against its teacher (KL, top-1,
+        perplexities) when the method changes the model's outputs, else the mean of the method's own loss terms
+        (e.g. Locret: how well the heads predict the attention labels), so that no method evaluates to nothing."""
         if self.eval_set is None or len(self.eval_set) == 0:
             return None
         module = self.engine.module
@@ -192,15 +196,24 @@ class Trainer:
         module.eval()
         loader = make_dataloader(self.eval_set, self.cfg.trainer.micro_batch_size, 0, self.rank, self.world_size,
                                  shuffle=False, drop_last=False)
+        batches = ({k: v.to(self.device) for k, v in batch.items()}
+                   for batch, _ in zip(loader, range(self.cfg.trainer.eval_batches)))
+        try:
+            first = next(batches, None)
+            if first is None:
+                return None
+            pair = self.method.teacher_and_student_hidden(module, first)
+            if pair is None:
+                return self._held_out_loss(module, itertools.chain([first], batches))
+            return self._held_out_fidelity(module, pair, first, batches)
+        finally:
+            module.train(was_training)
+
+    def _held_out_fidelity(self, module, first_pair, first, batches) -> dict:
         acc = FidelityAccumulator(chunk_size=self.cfg.trainer.loss_chunk_size)
         weight = module.lm_head.weight
-        for i, batch in enumerate(loader):
-            if i >= self.cfg.trainer.eval_batches:
-                break
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            pair = self.method.teacher_and_student_hidden(module, batch)
-            if pair is None:
-                return None
+        for batch in itertools.chain([first], batches):
+            pair = first_pair if batch is first else self.method.teacher_and_student_hidden(module, batch)
             with gathered(weight):
                 acc.update_from_hidden(pair[0], pair[1], weight, next_token_targets(batch["input_ids"],
                                                                                      batch["labels"]))
@@ -208,8 +221,21 @@ class Trainer:
             sums = acc.to_tensor().to(self.device)
             torch.distributed.all_reduce(sums)
             acc = FidelityAccumulator.from_tensor(sums.cpu())
-        module.train(was_training)
         return acc.compute()
+
+    def _held_out_loss(self, module, batches) -> dict:
+        names, totals, count = None, None, 0
+        for batch in batches:
+            out = self.method.loss(module, batch)
+            names = names or sorted(out)
+            values = torch.stack([out[name].detach().float().reshape(()) for name in names]).cpu()
+            totals = values if totals is None else totals + values
+            count += 1
+        sums = torch.cat([totals, torch.tensor([float(count)])]).to(self.device)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(sums)
+        sums = sums.cpu()
+        return {**{name: float(sums[i] / sums[-1]) for i, name in enumerate(names)}, "batches": int(sums[-1])}
 
     # ---- training --------------------------------------------------------------------------------------------
     def _batches(self):
@@ -363,8 +389,11 @@ class Trainer:
             return
         self.evals[when] = stats
         logger.log(self.step, {f"eval/{k}": v for k, v in stats.items()})
-        log.info("eval (%s): KL %.4f | top-1 %.3f | ppl teacher %.2f student %.2f | %d tokens", when, stats["kl"],
-                 stats["top1"], stats["ppl_teacher"], stats["ppl_student"], stats["tokens"])
+        if "kl" in stats:
+            log.info("eval (%s): KL %.4f | top-1 %.3f | ppl teacher %.2f student %.2f | %d tokens", when,
+                     stats["kl"], stats["top1"], stats["ppl_teacher"], stats["ppl_student"], stats["tokens"])
+        else:
+            log.info("eval (%s): %s", when, " | ".join(f"{k} {v:.4g}" for k, v in stats.items()))
 
     def _wandb_cfg(self) -> dict:
         lg = self.cfg.logger
