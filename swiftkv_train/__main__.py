@@ -36,12 +36,18 @@ print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_to
 def print_report(summary: dict, run_dir=None) -> None:
     """The end of the console: fidelity before/after, where the exports are, and how to use one."""
     evals = summary.get("evals", {})
-    if "start" in evals and "end" in evals:
+    if "start" in evals and "end" in evals and "kl" in evals["end"]:
         print("\nteacher fidelity on the held-out split (assistant tokens):")
         print(f"{'':8s} {'KL':>8s} {'top-1':>7s} {'ppl student':>12s} {'ppl teacher':>12s}")
         for when in ("start", "end"):
             s = evals[when]
             print(f"{when:8s} {s['kl']:8.4f} {s['top1']:7.3f} {s['ppl_student']:12.2f} {s['ppl_teacher']:12.2f}")
+    elif "start" in evals and "end" in evals:  # a method evaluated by its own loss terms (no teacher comparison)
+        names = [k for k in evals["end"] if k != "batches"]
+        print("\nthe method's loss terms on the held-out split:")
+        print(f"{'':8s}" + "".join(f" {name:>12s}" for name in names))
+        for when in ("start", "end"):
+            print(f"{when:8s}" + "".join(f" {evals[when].get(name, float('nan')):12.4g}" for name in names))
     if run_dir is None:
         return
     run_dir = Path(run_dir).resolve()

@@ -46,7 +46,7 @@ def llama_family() -> set[str]:
     """LLAMA_FAMILY and the model types of every registered method (each a Llama with the method's changes)."""
     from ..methods import METHODS  # late: the methods import this module
 
-    return LLAMA_FAMILY | {method.model_type for method in METHODS.values()}
+    return LLAMA_FAMILY | {method.model_type for method in METHODS.values() if method.model_type}
 
 
 def check_llama_family(config, spec: str) -> None:

@@ -11,6 +11,8 @@ def register_models() -> None:
     from ..methods import METHODS  # late: the methods import the loader
 
     for method in METHODS.values():
+        if not method.model_classes:  # a method whose student is a stock transformers model
+            continue
         config_class, model_class, causal_class = method.model_classes
         if config_class.model_type in _registered:
             continue
