@@ -98,14 +98,7 @@ class FidelityAccumulator:
                 f"targets shape {tuple(targets.shape)} must equal logits shape without the vocab "
                 f"dim {tuple(teacher_logits.shape[:-1])}"
             )
-        vocab = teacher_logits.shape[-1]
-        t_flat, s_flat = teacher_logits.reshape(-1, vocab), student_logits.reshape(-1, vocab)
-        targets = targets.to(teacher_logits.device)
-        rows = self._rows(targets, mask)
-        tgt_flat = targets.reshape(-1)
-        for start in range(0, rows.numel(), self.chunk_size):
-            idx = rows[start : start + self.chunk_size]
-            self._accumulate(t_flat.index_select(0, idx), s_flat.index_select(0, idx), tgt_flat.index_select(0, idx))
+        self._update_chunks(teacher_logits, student_logits, targets, mask, lambda logits: logits)
 
     @torch.no_grad()
     def update_from_hidden(
@@ -125,17 +118,22 @@ class FidelityAccumulator:
                 f"hidden shapes {tuple(teacher_hidden.shape)}, {tuple(student_hidden.shape)} and "
                 f"targets {tuple(targets.shape)} do not line up"
             )
-        hidden = teacher_hidden.shape[-1]
-        t_flat, s_flat = teacher_hidden.reshape(-1, hidden), student_hidden.reshape(-1, hidden)
-        targets = targets.to(teacher_hidden.device)
+        w32 = lm_head_weight.float()
+        self._update_chunks(teacher_hidden, student_hidden, targets, mask, lambda hidden: hidden.float() @ w32.T)
+
+    def _update_chunks(self, teacher, student, targets, mask, to_logits) -> None:
+        """Accumulate the kept rows of teacher/student [..., W] (logits, or hidden states that ``to_logits`` maps to
+        logits) ``chunk_size`` rows at a time."""
+        width = teacher.shape[-1]
+        t_flat, s_flat = teacher.reshape(-1, width), student.reshape(-1, width)
+        targets = targets.to(teacher.device)
         rows = self._rows(targets, mask)
         tgt_flat = targets.reshape(-1)
-        w32 = lm_head_weight.float()
         for start in range(0, rows.numel(), self.chunk_size):
             idx = rows[start : start + self.chunk_size]
             self._accumulate(
-                t_flat.index_select(0, idx).float() @ w32.T,
-                s_flat.index_select(0, idx).float() @ w32.T,
+                to_logits(t_flat.index_select(0, idx)),
+                to_logits(s_flat.index_select(0, idx)),
                 tgt_flat.index_select(0, idx),
             )
 
