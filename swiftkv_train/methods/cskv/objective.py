@@ -9,6 +9,8 @@ cache (``cskv_decode_from=0``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ...losses import KL
@@ -44,33 +46,34 @@ def reconstruction_loss(model, cfg: CSKVConfig, batch: dict[str, torch.Tensor], 
             return sq.mean()
         return (sq * keep[..., None]).sum() / (keep.sum().clamp_min(1) * sq.shape[-1])
 
-    def key_hook(attn):
+    def reconstruction_hook(project_a, quantize, reconstruct, target, errors):
+        """A forward hook on one layer's k_proj or v_proj: the masked MSE between ``target`` of the projection's
+        output (the teacher's K or V, [B, S, kv_dim]) and ``reconstruct`` ([B, H, S, D]) of the same input through
+        A (fake-quantized by ``quantize``, straight-through) and B, appended to ``errors``."""
         def hook(module, args, output):
             with torch.enable_grad():
-                features = attn.k_proj_a(args[0].detach())
+                features = project_a(args[0].detach())
                 if fake_quant:
-                    features = straight_through(features, fake_quant_keys(features.detach(), bits, group))
-                estimate = attn.reconstruct_key(features, position_ids, lambda x, p: (cos, sin))
-                shape = (*output.shape[:-1], -1, attn.head_dim)
-                target = apply_rope(output.detach().view(shape).transpose(1, 2), cos, sin)
-                errors_k.append(masked_mse(target.transpose(1, 2).flatten(2), estimate.transpose(1, 2).flatten(2)))
+                    features = straight_through(features, quantize(features.detach(), bits, group))
+                estimate = reconstruct(features)
+                errors.append(masked_mse(target(output.detach()), estimate.transpose(1, 2).flatten(2)))
         return hook
 
-    def value_hook(attn):
-        def hook(module, args, output):
-            with torch.enable_grad():
-                features = attn.v_proj_a(args[0].detach())
-                if fake_quant:
-                    features = straight_through(features, fake_quant_values(features.detach(), bits, group))
-                estimate = attn.reconstruct_value(features)
-                errors_v.append(masked_mse(output.detach(), estimate.transpose(1, 2).flatten(2)))
-        return hook
+    def rotated_keys(output, head_dim):
+        """k_proj's output [B, S, kv_dim] rotated at its positions, as the reconstruction is, in the same layout."""
+        keys = output.view(*output.shape[:-1], -1, head_dim).transpose(1, 2)
+        return apply_rope(keys, cos, sin).transpose(1, 2).flatten(2)
 
     handles = []
     for layer in model.model.layers:
         attn = layer.self_attn
-        handles.append(attn.k_proj.register_forward_hook(key_hook(attn)))
-        handles.append(attn.v_proj.register_forward_hook(value_hook(attn)))
+        reconstruct_key = functools.partial(attn.reconstruct_key, positions=position_ids,
+                                            rotary=lambda x, p: (cos, sin))
+        key_target = functools.partial(rotated_keys, head_dim=attn.head_dim)
+        handles.append(attn.k_proj.register_forward_hook(
+            reconstruction_hook(attn.k_proj_a, fake_quant_keys, reconstruct_key, key_target, errors_k)))
+        handles.append(attn.v_proj.register_forward_hook(
+            reconstruction_hook(attn.v_proj_a, fake_quant_values, attn.reconstruct_value, lambda v: v, errors_v)))
     try:
         with torch.no_grad(), cskv_mode(model, False):
             teacher = model.model(**inputs, use_cache=False)
