@@ -22,7 +22,6 @@ CPU smoke test (small shapes; the reference only, or the kernel in the Triton in
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -37,7 +36,9 @@ for _path in (ROOT, ROOT / "scripts"):  # the repo (swiftkv_train) and this fold
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from bench_utils import fmt, import_kernels, median_ms, patch_interpreter, peak_extra_mib, sync  # noqa: E402
+from bench_utils import (  # noqa: E402
+    bench_parser, device_name, fmt, import_kernels, median_ms, patch_interpreter, peak_extra_mib, sync,
+)
 
 # Llama-3.1-8B attention at CSKV density 0.2 (rank 204 of kv_dim 1024), and a small stand-in for CPU smoke runs.
 LLAMA_8B = dict(q_heads=32, kv_heads=8, head_dim=128, rank=204, window=32, theta=500000.0, contexts=(8192, 32768),
@@ -141,11 +142,7 @@ def table(rows, meta) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--small", action="store_true", help="small shapes (CPU smoke test)")
-    parser.add_argument("--out", default=None, help="write the full results as JSON here")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 20 GPU, 3 CPU)")
+    parser = bench_parser(__doc__, None, "timed calls per case (default 20 GPU, 3 CPU)")
     parser.add_argument("--bits", default="4,2,none", help="comma-separated: 2, 4, 8, none")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     args = parser.parse_args(argv)
@@ -167,8 +164,7 @@ def main(argv=None) -> int:
             for bits in bits_list:
                 rows.append(bench_case(cd, shape, context, batch, bits, dtype, device, repeats, with_kernel))
                 print(f"done: context {context}, batch {batch}, bits {bits}", file=sys.stderr)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    meta = dict(device=device_name, torch=torch.__version__, triton=getattr(cd.triton, "__version__", None),
+    meta = dict(device=device_name(device), torch=torch.__version__, triton=getattr(cd.triton, "__version__", None),
                 python=platform.python_version(), kernel_path=with_kernel, small=args.small, repeats=repeats,
                 shape={k: v for k, v in shape.items() if k not in ("contexts", "batches")}, group_size=GROUP_SIZE)
     print(table(rows, meta))

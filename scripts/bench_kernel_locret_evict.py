@@ -35,7 +35,6 @@ selection exactly (checked before timing).
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -49,7 +48,7 @@ for _path in (ROOT, ROOT / "scripts"):  # the repo (swiftkv_train) and this fold
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from bench_utils import fmt, import_kernels, median_ms, peak_extra_mib  # noqa: E402
+from bench_utils import bench_parser, device_name, fmt, import_kernels, median_ms, peak_extra_mib  # noqa: E402
 
 PEAK_COPY_TBPS = 3.0  # measured H100 copy ceiling (../shared/device/README.md)
 STABILIZERS = 2500  # the paper's Llama-3.1-8B setting: the newest entries every intermediate eviction keeps
@@ -208,37 +207,40 @@ def method_lines(results) -> list[str]:
             f"{fmt(m['peak_mib'], '8.1f')} MiB{'' if m['same_kept_entries'] else ' *'}" for name, m in results.items()]
 
 
-def render_fused(meta, rows):
-    lines = [f"# Locret eviction with fused retaining-head scoring (fc2) on {meta['device']} (torch {meta['torch']}, "
-             f"triton {meta['triton']}, triton path: {meta['triton_path']})",
+def render_cases(title, meta, rows, case_line) -> str:
+    """The report: a header naming ``title`` and the platform, then per case ``case_line(row)`` and its methods."""
+    lines = [f"# {title} on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}, "
+             f"triton path: {meta['triton_path']})",
              f"per method: median ms | achieved TB/s (% of {PEAK_COPY_TBPS} TB/s copy) | peak extra MiB; "
              f"'*' = keeps other entries than the reference (ties)"]
     for r in rows:
         lines.append("")
-        lines.append(f"B={r['batch']} H={r['kv_heads']} D={r['head_dim']} N={r['entries']} q={r['new']} "
-                     f"F={r['features']} keep={r['keep']} protect={r['protect_newest']} {r['dtype']}: "
-                     f"fused {r['speedup_fused_vs_torch_fc2_topk']:.2f}x vs torch_fc2_topk, "
-                     f"{r['speedup_fused_vs_fc2_then_kernel']:.2f}x vs fc2_then_kernel")
+        lines.append(case_line(r))
         lines += method_lines(r["results"])
     return "\n".join(lines)
+
+
+def render_fused(meta, rows):
+    return render_cases(
+        "Locret eviction with fused retaining-head scoring (fc2)", meta, rows,
+        lambda r: f"B={r['batch']} H={r['kv_heads']} D={r['head_dim']} N={r['entries']} q={r['new']} "
+                  f"F={r['features']} keep={r['keep']} protect={r['protect_newest']} {r['dtype']}: "
+                  f"fused {r['speedup_fused_vs_torch_fc2_topk']:.2f}x vs torch_fc2_topk, "
+                  f"{r['speedup_fused_vs_fc2_then_kernel']:.2f}x vs fc2_then_kernel",
+    )
 
 
 # -------------------------------------------------------------------------------------------------------- main
 
 
 def render(meta, rows):
-    lines = [f"# Locret eviction on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}, "
-             f"triton path: {meta['triton_path']})",
-             f"per method: median ms | achieved TB/s (% of {PEAK_COPY_TBPS} TB/s copy) | peak extra MiB; "
-             f"'*' = keeps other entries than the reference (ties)"]
-    for r in rows:
-        lines.append("")
-        lines.append(f"B={r['batch']} H={r['kv_heads']} D={r['head_dim']} N={r['entries']} keep={r['keep']} "
-                     f"protect={r['protect_newest']} {r['dtype']}: must move {r['min_bytes'] / 2**20:.1f} MiB, "
-                     f"ideal {r['ideal_ms']:.3f} ms; kernel {r['speedup_kernel_vs_torch_topk']:.2f}x vs torch_topk, "
-                     f"{r['speedup_kernel_vs_reference']:.2f}x vs reference")
-        lines += method_lines(r["results"])
-    return "\n".join(lines)
+    return render_cases(
+        "Locret eviction", meta, rows,
+        lambda r: f"B={r['batch']} H={r['kv_heads']} D={r['head_dim']} N={r['entries']} keep={r['keep']} "
+                  f"protect={r['protect_newest']} {r['dtype']}: must move {r['min_bytes'] / 2**20:.1f} MiB, "
+                  f"ideal {r['ideal_ms']:.3f} ms; kernel {r['speedup_kernel_vs_torch_topk']:.2f}x vs torch_topk, "
+                  f"{r['speedup_kernel_vs_reference']:.2f}x vs reference",
+    )
 
 
 def parse_splits(text):
@@ -246,11 +248,7 @@ def parse_splits(text):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--small", action="store_true", help="small shapes (CPU smoke test)")
-    parser.add_argument("--out", default=None, help="write the full results as JSON here")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser = bench_parser(__doc__, 20)
     parser.add_argument("--splits", default="auto,1", help="kernel variants: comma-separated num_splits, 'auto'")
     parser.add_argument("--fused-scoring", action="store_true",
                         help="bench the eviction with the retaining head's fc2 fused in (see above) instead")
@@ -265,25 +263,21 @@ def main(argv=None):
     triton_path = evict.kernel_available(torch.empty(0, device=device, dtype=dtype))
     if not triton_path:
         print(f"note: no Triton path on {device}: the 'kernel' rows run the torch reference", file=sys.stderr)
-    meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-                torch=torch.__version__, triton=getattr(evict.triton, "__version__", None),
+    meta = dict(device=device_name(device), torch=torch.__version__, triton=getattr(evict.triton, "__version__", None),
                 python=platform.python_version(), triton_path=triton_path, small=args.small,
                 peak_copy_tbps=PEAK_COPY_TBPS, repeats=args.repeats)
     if args.fused_scoring:
         meta["fused_scoring"] = True
         rows = [bench_fused_case(evict, case, dtype, device, args.repeats) for case in fused_cases(args.small)]
-        table = render_fused(meta, rows) + f"\n\ntotal wall time {time.time() - start:.1f} s"
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(dict(meta=meta, cases=rows, table=table), indent=2) + "\n")
-        print(table)
-        return
-    rows = []
-    for case in cases(args.small):
-        rows.append(bench_case(evict, case, dtype, device, args.repeats, split_options))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # the case's inputs are gone: start the next one from a clean pool
-    table = render(meta, rows) + f"\n\ntotal wall time {time.time() - start:.1f} s"
+        table = render_fused(meta, rows)
+    else:
+        rows = []
+        for case in cases(args.small):
+            rows.append(bench_case(evict, case, dtype, device, args.repeats, split_options))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the case's inputs are gone: start the next one from a clean pool
+        table = render(meta, rows)
+    table += f"\n\ntotal wall time {time.time() - start:.1f} s"
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(dict(meta=meta, cases=rows, table=table), indent=2) + "\n")

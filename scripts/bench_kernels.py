@@ -21,7 +21,6 @@ Needs only torch (+ triton for the fused paths, + liger_kernel optionally) and t
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import math
@@ -37,7 +36,7 @@ for _path in (ROOT, ROOT / "scripts"):  # the repo (swiftkv_train) and this fold
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from bench_utils import fmt, import_kernels, median_ms, peak_extra_mib, sync  # noqa: E402
+from bench_utils import bench_parser, device_name, fmt, import_kernels, median_ms, peak_extra_mib, sync  # noqa: E402
 
 # Measured H100 ceilings (../shared/device/README.md).
 PEAK_BF16_TFLOPS = 692.0
@@ -221,11 +220,7 @@ def bench_kd(kd, device, small, repeats, with_liger, deadline):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--small", action="store_true", help="small shapes (CPU smoke test)")
-    parser.add_argument("--out", default=None, help="write the full results as JSON here")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser = bench_parser(__doc__, 10)
     parser.add_argument("--no-liger", action="store_true", help="skip liger_kernel even if importable")
     parser.add_argument("--only", choices=["swiftkv", "kd", "cskv_decode", "locret_evict"], default=None,
                         help="one kernel; default: all four (cskv_decode and locret_evict run their own scripts)")
@@ -237,11 +232,10 @@ def main(argv=None):
     start = time.time()
     skv, kd = import_kernels("swiftkv_prefill_kv", "kd_loss")
     uses_triton = skv.kernel_available(torch.empty(0, device=device, dtype=torch.bfloat16))
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     fp32_logits = None
     if device.type == "cuda":  # whether the KD loss gets fp32 logits from bf16 GEMMs (torch.mm out_dtype)
         fp32_logits = kd._mm_supports_fp32_out(torch.empty(1, device=device, dtype=torch.bfloat16), None)
-    meta = dict(device=device_name, torch=torch.__version__, triton=getattr(skv.triton, "__version__", None),
+    meta = dict(device=device_name(device), torch=torch.__version__, triton=getattr(skv.triton, "__version__", None),
                 python=platform.python_version(), triton_path=uses_triton, small=args.small,
                 peak_bf16_tflops=PEAK_BF16_TFLOPS, peak_copy_tbps=PEAK_COPY_TBPS, kd_fp32_logits_gemm=fp32_logits)
     if not uses_triton:

@@ -1,14 +1,16 @@
 """Helpers shared by the kernel benchmarks in this folder (bench_kernels.py, bench_kernel_cskv_decode.py,
-bench_kernel_locret_evict.py): importing ``kernels/`` as ``swiftkv_kernels``, the Triton-interpreter patch, timing,
-table formatting.
+bench_kernel_locret_evict.py): importing ``kernels/`` as ``swiftkv_kernels``, the Triton-interpreter patch, the
+options they all take, timing, table formatting.
 
 The scripts run as ``python scripts/<name>.py``, which puts this folder on ``sys.path``: they ``import bench_utils``.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
+import platform
 import statistics
 import sys
 import time
@@ -46,6 +48,22 @@ def patch_interpreter():
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
     interp._patch_lang_tensor = patch
+
+
+def bench_parser(description: str, repeats: int | None, repeats_help: str | None = None) -> argparse.ArgumentParser:
+    """An argument parser with the options every kernel benchmark takes (--device, --small, --out, --repeats with
+    this default); the script adds its own."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--small", action="store_true", help="small shapes (CPU smoke test)")
+    parser.add_argument("--out", default=None, help="write the full results as JSON here")
+    parser.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
+    return parser
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
 
 
 # ------------------------------------------------------------------------------------------------ timing helpers
