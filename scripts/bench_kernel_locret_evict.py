@@ -112,6 +112,22 @@ def methods(evict, split_options):
     return out
 
 
+def measure(methods, inputs, keep, protect, ref, moved, case, device, repeats, exact) -> dict:
+    """Per method: median ms, achieved TB/s (and % of the copy peak), peak extra MiB and whether it keeps the
+    reference's entries ``ref``; a method for which ``exact(name)`` holds must keep exactly those."""
+    results = {}
+    for name, fn in methods.items():
+        call = lambda fn=fn: fn(*inputs, keep, protect)  # noqa: E731
+        identical, same_kept = same_selection(call(), ref)
+        if exact(name) and not identical:
+            raise AssertionError(f"{name} differs from the reference on {case}")
+        ms = median_ms(call, device, repeats=repeats)
+        results[name] = dict(ms=ms, tbps=moved / ms / 1e9, pct_copy_peak=100 * moved / ms / 1e9 / PEAK_COPY_TBPS,
+                             peak_mib=peak_extra_mib(call, device), identical_to_reference=identical,
+                             same_kept_entries=same_kept)
+    return results
+
+
 def bench_case(evict, case, dtype, device, repeats, split_options):
     batch, heads, dim, n, keep, protect = case
     inputs = make_inputs(batch, heads, dim, n, dtype, device)
@@ -119,16 +135,9 @@ def bench_case(evict, case, dtype, device, repeats, split_options):
     moved = min_bytes(inputs[0], inputs[1], n, keep)
     row = dict(batch=batch, kv_heads=heads, head_dim=dim, entries=n, keep=keep, protect_newest=protect,
                dtype=str(dtype).replace("torch.", ""), min_bytes=moved,
-               ideal_ms=moved / (PEAK_COPY_TBPS * 1e12) * 1e3, results={})
-    for name, fn in methods(evict, split_options).items():
-        call = lambda fn=fn: fn(*inputs, keep, protect)  # noqa: E731
-        identical, same_kept = same_selection(call(), ref)
-        if name.startswith("kernel") and not identical:
-            raise AssertionError(f"{name} differs from the reference on {case}")
-        ms = median_ms(call, device, repeats=repeats)
-        row["results"][name] = dict(ms=ms, tbps=moved / ms / 1e9, pct_copy_peak=100 * moved / ms / 1e9 / PEAK_COPY_TBPS,
-                                    peak_mib=peak_extra_mib(call, device), identical_to_reference=identical,
-                                    same_kept_entries=same_kept)
+               ideal_ms=moved / (PEAK_COPY_TBPS * 1e12) * 1e3,
+               results=measure(methods(evict, split_options), inputs, keep, protect, ref, moved, case, device, repeats,
+                               exact=lambda name: name.startswith("kernel")))
     kernel_ms = row["results"]["kernel"]["ms"]
     row["speedup_kernel_vs_torch_topk"] = row["results"]["torch_topk"]["ms"] / kernel_ms
     row["speedup_kernel_vs_reference"] = row["results"]["reference"]["ms"] / kernel_ms
@@ -185,16 +194,9 @@ def bench_fused_case(evict, case, dtype, device, repeats):
     moved = min_bytes(inputs[0], inputs[1], n, keep)
     row = dict(batch=batch, kv_heads=heads, head_dim=dim, entries=n, new=q, features=features, keep=keep,
                protect_newest=protect, dtype=str(dtype).replace("torch.", ""), min_bytes=moved,
-               ideal_ms=moved / (PEAK_COPY_TBPS * 1e12) * 1e3, results={})
-    for name, fn in all_methods.items():
-        call = lambda fn=fn: fn(*inputs, keep, protect)  # noqa: E731
-        identical, same_kept = same_selection(call(), ref)
-        if name in ("fc2_then_kernel", "fused_kernel") and not identical:
-            raise AssertionError(f"{name} differs from the reference on {case}")
-        ms = median_ms(call, device, repeats=repeats)
-        row["results"][name] = dict(ms=ms, tbps=moved / ms / 1e9, pct_copy_peak=100 * moved / ms / 1e9 / PEAK_COPY_TBPS,
-                                    peak_mib=peak_extra_mib(call, device), identical_to_reference=identical,
-                                    same_kept_entries=same_kept)
+               ideal_ms=moved / (PEAK_COPY_TBPS * 1e12) * 1e3,
+               results=measure(all_methods, inputs, keep, protect, ref, moved, case, device, repeats,
+                               exact=lambda name: name in ("fc2_then_kernel", "fused_kernel")))
     fused_ms = row["results"]["fused_kernel"]["ms"]
     row["speedup_fused_vs_torch_fc2_topk"] = row["results"]["torch_fc2_topk"]["ms"] / fused_ms
     row["speedup_fused_vs_fc2_then_kernel"] = row["results"]["fc2_then_kernel"]["ms"] / fused_ms
