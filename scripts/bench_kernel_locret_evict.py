@@ -209,40 +209,31 @@ def method_lines(results) -> list[str]:
             f"{fmt(m['peak_mib'], '8.1f')} MiB{'' if m['same_kept_entries'] else ' *'}" for name, m in results.items()]
 
 
-def render_cases(title, meta, rows, case_line) -> str:
-    """The report: a header naming ``title`` and the platform, then per case ``case_line(row)`` and its methods."""
+def render(meta, rows):
+    """The report: a header naming the platform, then per case its shape, its speedups and one line per method."""
+    fused = meta.get("fused_scoring", False)
+    title = "Locret eviction with fused retaining-head scoring (fc2)" if fused else "Locret eviction"
     lines = [f"# {title} on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}, "
              f"triton path: {meta['triton_path']})",
              f"per method: median ms | achieved TB/s (% of {PEAK_COPY_TBPS} TB/s copy) | peak extra MiB; "
              f"'*' = keeps other entries than the reference (ties)"]
     for r in rows:
+        new_tokens = f"q={r['new']} F={r['features']} " if fused else ""
+        if fused:
+            summary = (f"fused {r['speedup_fused_vs_torch_fc2_topk']:.2f}x vs torch_fc2_topk, "
+                       f"{r['speedup_fused_vs_fc2_then_kernel']:.2f}x vs fc2_then_kernel")
+        else:
+            summary = (f"must move {r['min_bytes'] / 2**20:.1f} MiB, ideal {r['ideal_ms']:.3f} ms; "
+                       f"kernel {r['speedup_kernel_vs_torch_topk']:.2f}x vs torch_topk, "
+                       f"{r['speedup_kernel_vs_reference']:.2f}x vs reference")
         lines.append("")
-        lines.append(case_line(r))
+        lines.append(f"B={r['batch']} H={r['kv_heads']} D={r['head_dim']} N={r['entries']} {new_tokens}"
+                     f"keep={r['keep']} protect={r['protect_newest']} {r['dtype']}: {summary}")
         lines += method_lines(r["results"])
     return "\n".join(lines)
 
 
-def render_fused(meta, rows):
-    return render_cases(
-        "Locret eviction with fused retaining-head scoring (fc2)", meta, rows,
-        lambda r: f"B={r['batch']} H={r['kv_heads']} D={r['head_dim']} N={r['entries']} q={r['new']} "
-                  f"F={r['features']} keep={r['keep']} protect={r['protect_newest']} {r['dtype']}: "
-                  f"fused {r['speedup_fused_vs_torch_fc2_topk']:.2f}x vs torch_fc2_topk, "
-                  f"{r['speedup_fused_vs_fc2_then_kernel']:.2f}x vs fc2_then_kernel",
-    )
-
-
 # -------------------------------------------------------------------------------------------------------- main
-
-
-def render(meta, rows):
-    return render_cases(
-        "Locret eviction", meta, rows,
-        lambda r: f"B={r['batch']} H={r['kv_heads']} D={r['head_dim']} N={r['entries']} keep={r['keep']} "
-                  f"protect={r['protect_newest']} {r['dtype']}: must move {r['min_bytes'] / 2**20:.1f} MiB, "
-                  f"ideal {r['ideal_ms']:.3f} ms; kernel {r['speedup_kernel_vs_torch_topk']:.2f}x vs torch_topk, "
-                  f"{r['speedup_kernel_vs_reference']:.2f}x vs reference",
-    )
 
 
 def parse_splits(text):
@@ -271,7 +262,7 @@ def main(argv=None):
     if args.fused_scoring:
         meta["fused_scoring"] = True
         rows = [bench_fused_case(evict, case, dtype, device, args.repeats) for case in fused_cases(args.small)]
-        table = render_fused(meta, rows)
+        table = render(meta, rows)
     else:
         rows = []
         for case in cases(args.small):
