@@ -28,9 +28,9 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("hidden_layer", [-2, -1, 6])
-def test_loss_equals_full_forward_reference(hidden_layer):
-    t, student, batch = setup(hidden_loss_layer=hidden_layer, hidden_loss_weight=0.5)
+def loss_and_full_forward(t, student, batch):
+    """The training step's losses and gradients, then (gradients cleared) the full-forward hidden states of the
+    teacher (no grad) and of the student, from which a test recomputes that loss."""
     out = t.loss(student, batch)
     out["loss"].backward()
     ours = grads(student)
@@ -38,16 +38,29 @@ def test_loss_equals_full_forward_reference(hidden_layer):
     with torch.no_grad():
         teacher = student.swiftkv(False)(batch["input_ids"], output_hidden_states=True).hidden_states
     mine = student.swiftkv(True)(batch["input_ids"], output_hidden_states=True).hidden_states
+    return out, ours, teacher, mine
+
+
+def assert_same_grads(ours, student):
+    """The gradients the reference left on ``student`` are the training step's ``ours``."""
+    theirs = grads(student)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("hidden_layer", [-2, -1, 6])
+def test_loss_equals_full_forward_reference(hidden_layer):
+    t, student, batch = setup(hidden_loss_layer=hidden_layer, hidden_loss_weight=0.5)
+    out, ours, teacher, mine = loss_and_full_forward(t, student, batch)
     kl = naive_kl_loss(mine[-1], teacher[-1], student.lm_head.weight, mask=kl_mask_from_labels(batch["labels"]),
                        temperature=2.0)
     mse = (mine[hidden_layer] - teacher[hidden_layer]).pow(2).mean()
     (kl + 0.5 * mse).backward()
     torch.testing.assert_close(out["kl"], kl.detach(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(out["hidden_mse"], mse.detach(), rtol=1e-5, atol=1e-7)
-    theirs = grads(student)
-    assert ours.keys() == theirs.keys() and len(ours) == 1 + 4 + 2 * 2
-    for name in ours:
-        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-6)
+    assert len(ours) == 1 + 4 + 2 * 2
+    assert_same_grads(ours, student)
 
 
 def test_reusing_the_teacher_prefix_and_checkpointing_change_nothing():
@@ -96,14 +109,8 @@ def test_jsd_loss_equals_full_forward_reference():
     """logits_loss=jsd: the logged value is T² · JSD_β of the full-forward logits (computed here from the definition)
     and the gradients are those of that definition plus the hidden MSE."""
     t, student, batch = setup(logits_loss="jsd", jsd_beta=0.3, hidden_loss_weight=0.5, run_cfg=_run_cfg(False))
-    out = t.loss(student, batch)
+    out, ours, teacher, mine = loss_and_full_forward(t, student, batch)
     assert set(out) == {"loss", "jsd", "hidden_mse"}
-    out["loss"].backward()
-    ours = grads(student)
-    student.zero_grad()
-    with torch.no_grad():
-        teacher = student.swiftkv(False)(batch["input_ids"], output_hidden_states=True).hidden_states
-    mine = student.swiftkv(True)(batch["input_ids"], output_hidden_states=True).hidden_states
     w, beta, temp = student.lm_head.weight, 0.3, 2.0
     log_s = torch.log_softmax(mine[-1] @ w.T / temp, -1)
     log_t = torch.log_softmax(teacher[-1] @ w.T / temp, -1)
@@ -114,10 +121,7 @@ def test_jsd_loss_equals_full_forward_reference():
     mse = (mine[-2] - teacher[-2]).pow(2).mean()
     (jsd + 0.5 * mse).backward()
     torch.testing.assert_close(out["jsd"], jsd.detach(), rtol=1e-5, atol=1e-7)
-    theirs = grads(student)
-    assert ours.keys() == theirs.keys()
-    for name in ours:
-        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-6)
+    assert_same_grads(ours, student)
 
 
 def test_training_with_jsd_decreases_it():
