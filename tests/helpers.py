@@ -34,15 +34,31 @@ LOADER = textwrap.dedent(
 )
 
 
-def run_loader(export_dir, tmp_path, dtype, teacher=False):
+def run_export_script(script, export_dir, tmp_path, *args):
+    """Run ``python -c script EXPORT_DIR OUT_PATH *args`` offline, with its own HF modules cache under ``tmp_path``;
+    it must exit 0. Returns what it saved (torch.save) to OUT_PATH."""
     out = tmp_path / "out.pt"
     env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     proc = subprocess.run(
-        [sys.executable, "-c", LOADER, str(export_dir), str(out), dtype, "1" if teacher else "0"],
+        [sys.executable, "-c", script, str(export_dir), str(out), *map(str, args)],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out, weights_only=False)
+
+
+def run_loader(export_dir, tmp_path, dtype, teacher=False):
+    return run_export_script(LOADER, export_dir, tmp_path, dtype, "1" if teacher else "0")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run far faster on one thread when the 2 CPU cores are shared. Autouse: a test module that
+    imports it runs all its tests on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------------ Triton kernels (kernels/)

@@ -1,8 +1,6 @@
 """CSKV model, bi-branch cache, calibration, training loss and export, against plain-PyTorch references."""
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -13,6 +11,8 @@ from swiftkv_train.export import save_hf
 from swiftkv_train.models import load_pretrained
 from swiftkv_train.methods.cskv.remote_code import CSKVCache, LlamaCSKVForCausalLM
 from swiftkv_train.methods.cskv import CSKVConfig, CSKV, cskv_parameters
+
+from helpers import run_export_script
 
 
 def build(preset="random:tiny", **settings):
@@ -332,11 +332,7 @@ def test_export_round_trip_with_trust_remote_code(tmp_path):
     assert config["use_kernels"] is True
 
     ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(8))
-    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-c", LOADER, str(export), str(tmp_path / "out.pt"), str(ids.tolist())],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = torch.load(tmp_path / "out.pt", weights_only=False)
+    result = run_export_script(LOADER, export, tmp_path, ids.tolist())
     assert result["class"].startswith("transformers_modules") and result["cache"].startswith("transformers_modules")
     assert result["cskv"] is True
     with torch.no_grad():

@@ -20,19 +20,13 @@ from swiftkv_train.models.tiny import random_model
 from swiftkv_train.policies import POLICIES, Budget
 from swiftkv_train.methods.swiftkv import to_swiftkv
 
+from helpers import one_thread  # noqa: F401 - autouse: every test here runs on one thread
+
 ESSAY = (
     "How to start a startup. You need three things to create a successful startup: to start with good people, "
     "to make something customers actually want, and to spend as little money as possible. Most startups that fail "
     "do it because they fail at one of these. A startup that does all three will probably succeed! "
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,6 @@
 """Locret: labels, budgeted chunked prefill, eviction rules, training and the trust_remote_code export."""
 
 import contextlib
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -19,6 +17,8 @@ from swiftkv_train.methods.locret import (
     prefill_peak,
     to_locret,
 )
+
+from helpers import run_export_script
 
 SMALL = dict(head_hidden_size=32, budget=64, chunk_size=16, stabilizers=4, n_local=8)
 
@@ -295,7 +295,9 @@ def test_training_steps_reduce_loss_and_change_only_heads(gqa_base):
 
 
 # ---- export -------------------------------------------------------------------------------------------------
-LOADER = textwrap.dedent(
+# Start of the export scripts (run by `run_export_script`): the package unimportable, the model loaded from the
+# export's own files, one budgeted prefill of `ids`.
+EXPORT_SCRIPT_START = textwrap.dedent(
     """
     import sys, torch
     sys.modules["swiftkv_train"] = None  # any import of the package now fails
@@ -304,6 +306,11 @@ LOADER = textwrap.dedent(
     model = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True, dtype=torch.float32).eval()
     ids = torch.arange(3, 93).remainder(256)[None]
     cache = model.chunked_prefill(ids, locret_budget=20)
+    """
+)
+
+LOADER = EXPORT_SCRIPT_START + textwrap.dedent(
+    """
     try:
         model.generate(ids, max_new_tokens=2, locret_chunk_size=0)
         bad = None
@@ -325,13 +332,7 @@ def test_export_round_trip_with_trust_remote_code(locret_model, tmp_path):
         for _, p in model.retaining_head_parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.1)
     export = save_hf(model, tok, tmp_path / "locret", lean=False)
-    out_path = tmp_path / "out.pt"
-    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run(
-        [sys.executable, "-c", LOADER, str(export), str(out_path)], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = torch.load(out_path, weights_only=False)
+    result = run_export_script(LOADER, export, tmp_path)
     assert result["class"] == "LlamaLocretForCausalLM" and result["module"].startswith("transformers_modules")
     assert result["config_budget"] == SMALL["budget"]
     assert "locret_chunk_size=0" in result["bad"]
@@ -680,15 +681,8 @@ def test_transformation_carries_quant_settings(gqa_base):
         type(model.config)(**dict(model.config.to_dict(), locret_quant_bits=3))
 
 
-QUANT_LOADER = textwrap.dedent(
+QUANT_LOADER = EXPORT_SCRIPT_START + textwrap.dedent(
     """
-    import sys, torch
-    sys.modules["swiftkv_train"] = None  # any import of the package now fails
-    from transformers import AutoModelForCausalLM
-    export_dir, out_path = sys.argv[1], sys.argv[2]
-    model = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True, dtype=torch.float32).eval()
-    ids = torch.arange(3, 93).remainder(256)[None]
-    cache = model.chunked_prefill(ids, locret_budget=20)
     bad = {}
     for key, value in (("locret_quant_bits", 3), ("locret_quant_group_size", 0)):
         try:
@@ -724,14 +718,7 @@ def test_quantized_export_round_trip_with_trust_remote_code(gqa_base, tmp_path):
     saved = json.loads((export / "config.json").read_text())
     assert saved["locret_quant_bits"] == 4 and saved["locret_quant_group_size"] == 3
 
-    out_path = tmp_path / "out.pt"
-    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run(
-        [sys.executable, "-c", QUANT_LOADER, str(export), str(out_path)], capture_output=True, text=True, env=env,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = torch.load(out_path, weights_only=False)
+    result = run_export_script(QUANT_LOADER, export, tmp_path)
     assert result["module"].startswith("transformers_modules") and result["module"].endswith("cache_llama_locret")
     assert (result["bits"], result["group"]) == (4, 3)
     assert "locret_quant_bits=3" in result["bad"]["locret_quant_bits"]

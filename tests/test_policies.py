@@ -36,14 +36,7 @@ from swiftkv_train.policies.active import activated, active_cache
 from swiftkv_train.policies.baselines import gumbel_noise, keyformer_noise_seed
 from swiftkv_train.methods.swiftkv import to_swiftkv
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run far faster on one thread when the 2 CPU cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from helpers import one_thread  # noqa: F401 - autouse: every test here runs on one thread
 
 
 @pytest.fixture(scope="module")
