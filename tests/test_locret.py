@@ -9,6 +9,7 @@ import torch
 from swiftkv_train.cache_stats import cache_nbytes
 from swiftkv_train.errors import SwiftKVInputError
 from swiftkv_train.export import save_hf
+from swiftkv_train.methods import config_from_node
 from swiftkv_train.models import load_pretrained
 from swiftkv_train.methods.locret import (
     LocretConfig,
@@ -365,7 +366,7 @@ def test_export_round_trip_with_trust_remote_code(locret_model, tmp_path):
 )
 def test_bad_config_raises_input_error(fields, match):
     with pytest.raises(SwiftKVInputError, match=match):
-        LocretConfig.from_node(fields)
+        config_from_node(LocretConfig, fields, prefix="locret.")
 
 
 @pytest.mark.parametrize(
@@ -712,7 +713,7 @@ def test_quantized_export_round_trip_with_trust_remote_code(gqa_base, tmp_path):
         for _, p in model.retaining_head_parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(8)) * 0.1)
     export = save_hf(model, tok, tmp_path / "locret_q", lean=False)
-    cskv_quant = Path(__file__).resolve().parents[1] / "swiftkv_train/models/llama_cskv/quant_llama_cskv.py"
+    cskv_quant = Path(__file__).resolve().parents[1] / "swiftkv_train/remote_code/quant_llama_cskv.py"
     assert (export / "quant_llama_cskv.py").read_text() == cskv_quant.read_text()  # CSKV's, shipped as is
     assert (export / "locret_evict.py").is_file()
     saved = json.loads((export / "config.json").read_text())
