@@ -1,8 +1,9 @@
 """Fused distillation loss: chunked lm_head -> log-softmax -> T²·KL(teacher ‖ student), forward and backward.
 
-A pure op (imports only torch, and triton when present), in three parts as in Liger-Kernel: the Triton kernel
-(`_kl_rows_kernel`), the autograd.Function around it (`_FusedKL`, behind `fused_kl_loss`) and a plain torch
-reference (`kl_loss_reference`, also the fallback off CUDA or without Triton) with the same arguments and result.
+A pure op (imports only torch, triton when present, and `kernel_available` from its sibling swiftkv_prefill_kv), in
+three parts as in Liger-Kernel: the Triton kernel (`_kl_rows_kernel`), the autograd.Function around it (`_FusedKL`,
+behind `fused_kl_loss`) and a plain torch reference (`kl_loss_reference`, also the fallback off CUDA or without
+Triton) with the same arguments and result.
 
 Per chunk of C masked rows:
 
@@ -23,11 +24,13 @@ head plus ~5 [C, V] fp32 temporaries. The gradient is computed in forward and on
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
+
+# Where a Triton kernel of this package can run (CUDA, or CPU under ``TRITON_INTERPRET=1``; fp32/fp16/bf16) is one
+# rule for all of them, kept in a kernel file that exports ship self-contained.
+from .swiftkv_prefill_kv import _SUPPORTED_DTYPES, kernel_available
 
 try:
     import triton
@@ -40,19 +43,6 @@ except Exception:  # noqa: BLE001
     HAS_TRITON = False
 
 __all__ = ["HAS_TRITON", "REDUCTIONS", "kernel_available", "fused_kl_loss", "kl_loss_reference"]
-
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def kernel_available(x: torch.Tensor) -> bool:
-    """True when the Triton path can run on ``x`` (CUDA tensor, or CPU under ``TRITON_INTERPRET=1``)."""
-    if not HAS_TRITON or x.dtype not in _SUPPORTED_DTYPES:
-        return False
-    return x.is_cuda or (_interpreting() and x.device.type == "cpu")
 
 
 # ----------------------------------------------------------------------------------------------------------------
