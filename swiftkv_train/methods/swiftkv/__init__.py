@@ -27,6 +27,7 @@ class SwiftKV(Method):
     model_classes = (LlamaSwiftKVConfig, LlamaSwiftKVModel, LlamaSwiftKVForCausalLM)
     remote_code = REMOTE_CODE
     mode_flag = "swiftkv"
+    vllm_architecture = ("LlamaSwiftKVForCausalLM", "swiftkv_train.methods.swiftkv.vllm_model:LlamaSwiftKVForCausalLM")
 
     def num_key_value_layers(self, config) -> int:
         """M for this model: the setting, or half of the layers when it is None."""
