@@ -7,10 +7,11 @@ chunked engine of base.py otherwise.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
-from .base import LogitLoss, check_inputs, normaliser
+from .base import LogitLoss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,23 +61,13 @@ def naive_kl_loss(
     temperature: float = 2.0,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Reference definition: T² · KL(p_teacher ‖ p_student) at temperature T, full logits, plain autograd.
+    """Reference definition: T² · KL(p_teacher ‖ p_student) at temperature T, plain autograd.
 
-    Materialises [N, V] logits for both models; use it for tests and small inputs only.
+    The fused kernel's torch reference (`swiftkv_kernels.kd_loss.kl_loss_reference`) with every position in one
+    chunk: materialises [N, V] logits for both models; use it for tests and small inputs only.
     Same arguments and semantics as `chunked_kl_loss`.
     """
-    check_inputs(student_hidden, teacher_hidden, lm_head_weight, mask, temperature, reduction)
-    hidden_size = student_hidden.shape[-1]
-    s = student_hidden.reshape(-1, hidden_size).float()
-    t = teacher_hidden.detach().reshape(-1, hidden_size).float()
-    w = lm_head_weight.float()
-    log_p_s = torch.log_softmax(s @ w.T / temperature, dim=-1)
-    log_p_t = torch.log_softmax(t @ w.detach().T / temperature, dim=-1)
-    per_position = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1) * temperature**2
-    if mask is not None:
-        keep = mask.reshape(-1).bool()
-        per_position = per_position * keep
-        num_masked = int(keep.sum())
-    else:
-        num_masked = per_position.numel()
-    return per_position.sum() / normaliser(per_position.numel(), num_masked, reduction)
+    from swiftkv_kernels.kd_loss import kl_loss_reference
+
+    positions = max(1, math.prod(student_hidden.shape[:-1]))
+    return kl_loss_reference(student_hidden, teacher_hidden, lm_head_weight, mask, temperature, positions, reduction)
