@@ -150,7 +150,8 @@ def _liger_methods(temperature, chunk):
 
 
 def bench_kd(kd, device, small, repeats, with_liger, deadline):
-    from swiftkv_train.losses import chunked_kl_loss, naive_kl_loss
+    from swiftkv_kernels.kd_loss import kl_loss_reference
+    from swiftkv_train.losses import KL
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if small:
@@ -166,12 +167,12 @@ def bench_kd(kd, device, small, repeats, with_liger, deadline):
     masked = int(mask.sum())
 
     methods = {
-        "chunked_kl_loss(ref)": lambda s, t, w, m: chunked_kl_loss(s, t, w, m, temperature, chunk, "mean"),
+        "chunked_kl_loss(ref)": lambda s, t, w, m: KL()(s, t, w, m, temperature=temperature, chunk_size=chunk),
         "fused_kl_loss": lambda s, t, w, m: kd.fused_kl_loss(s, t, w, m, temperature, chunk, "mean"),
         "fused_kl_loss(chunk=4096)": lambda s, t, w, m: kd.fused_kl_loss(s, t, w, m, temperature, 4096, "mean"),
     }
     if small:
-        methods["naive_kl_loss"] = lambda s, t, w, m: naive_kl_loss(s, t, w, m, temperature, "mean")
+        methods["naive_kl_loss"] = lambda s, t, w, m: kl_loss_reference(s, t, w, m, temperature, s.shape[0] * s.shape[1], "mean")
     liger_errors = {}
     if with_liger:
         liger, liger_errors = _liger_methods(temperature, chunk)

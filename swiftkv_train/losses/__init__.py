@@ -14,7 +14,7 @@ chunk_size, reduction, fused)``. A new one is a new module here with a `LogitLos
 
 from .base import LOGIT_LOSSES, REDUCTIONS, LogitLoss, logit_loss
 from .jsd import JSD
-from .kl import KL, chunked_kl_loss, naive_kl_loss
+from .kl import KL
 from .masks import IGNORE_INDEX, kl_mask_from_labels
 from .mse import hidden_mse_loss
 
@@ -25,9 +25,7 @@ __all__ = [
     "LOGIT_LOSSES",
     "REDUCTIONS",
     "LogitLoss",
-    "chunked_kl_loss",
     "hidden_mse_loss",
     "kl_mask_from_labels",
     "logit_loss",
-    "naive_kl_loss",
 ]

@@ -7,7 +7,6 @@ chunked engine of base.py otherwise.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
@@ -36,38 +35,3 @@ class KL(LogitLoss):
         if kd_loss.kernel_available(student_hidden) and kd_loss.kernel_available(lm_head_weight):
             return kd_loss.fused_kl_loss
         return None
-
-
-def chunked_kl_loss(
-    student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    temperature: float = 2.0,
-    chunk_size: int = 1024,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """T² · KL(p_teacher ‖ p_student) over masked positions, without full logits: the `KL` component's torch
-    chunked path (arguments as in `LogitLoss`)."""
-    return KL()(student_hidden, teacher_hidden, lm_head_weight, mask, temperature=temperature,
-                chunk_size=chunk_size, reduction=reduction)
-
-
-def naive_kl_loss(
-    student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    temperature: float = 2.0,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """Reference definition: T² · KL(p_teacher ‖ p_student) at temperature T, plain autograd.
-
-    The fused kernel's torch reference (`swiftkv_kernels.kd_loss.kl_loss_reference`) with every position in one
-    chunk: materialises [N, V] logits for both models; use it for tests and small inputs only.
-    Same arguments and semantics as `chunked_kl_loss`.
-    """
-    from swiftkv_kernels.kd_loss import kl_loss_reference
-
-    positions = max(1, math.prod(student_hidden.shape[:-1]))
-    return kl_loss_reference(student_hidden, teacher_hidden, lm_head_weight, mask, temperature, positions, reduction)
