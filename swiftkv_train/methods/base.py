@@ -34,11 +34,12 @@ class Method(ABC):
     # The dataclass of this method's settings. ``validate()`` (if defined) raises SwiftKVInputError naming
     # ``transform.<name>.<field>``; it runs once, when the method is built.
     Config: ClassVar[type] = type(None)
-    # The (config, base model, causal LM) classes this method's remote code defines (the student and its exports;
-    # model_type is the config class's), and the files its exports ship (a swiftkv_train.remote_code.RemoteCode).
+    # The model classes this method's remote code defines (the student and its exports) and the files its exports
+    # ship: a swiftkv_train.remote_code.RemoteCode, or None for a method whose student is a stock transformers model.
+    # model_classes (config, base model, causal LM) and model_type are read from it.
+    remote_code: ClassVar[object] = None
     model_classes: ClassVar[tuple] = ()
     model_type: ClassVar[str] = ""
-    remote_code: ClassVar[object] = None
     # For a student that keeps the original model's function: the name of both its switch method and its config
     # flag (``model.<flag>(bool)``, ``model.config.<flag>``); None when it has no such mode.
     mode_flag: ClassVar[str | None] = None
@@ -49,6 +50,7 @@ class Method(ABC):
             return  # an abstract intermediate class
         if not dataclasses.is_dataclass(cls.Config):
             raise TypeError(f"method {cls.name!r} must declare its settings as a dataclass: Config = ...")
+        cls.model_classes = cls.remote_code.classes if cls.remote_code is not None else ()
         cls.model_type = cls.model_classes[0].model_type if cls.model_classes else ""
         if cls.name in METHODS and METHODS[cls.name].__qualname__ != cls.__qualname__:
             raise TypeError(f"two methods are named {cls.name!r}: {METHODS[cls.name]} and {cls}")

@@ -10,6 +10,7 @@ shipped file is shipped too). Nothing here is imported by the shipped files.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,16 +31,18 @@ def kernels_dir() -> Path:
 
 @dataclass(frozen=True)
 class RemoteCode:
-    """The files one model package ships: ``own`` (beside its ``__init__``), ``common`` (this folder) and
-    ``kernels`` (swiftkv_kernels), by file name; ``config_class`` / ``model_class`` name the auto_map entries
-    as ``module.Class``."""
+    """One method's model classes (config, base model, causal LM) and the files its exports ship: ``own`` (beside
+    the classes' files), ``common`` (this folder) and ``kernels`` (swiftkv_kernels), by file name. The auto_map of
+    an export names the classes by the file that defines them."""
 
-    package_dir: Path
+    classes: tuple[type, type, type]
     own: tuple[str, ...]
-    config_class: str
-    model_class: str
     common: tuple[str, ...] = ()
     kernels: tuple[str, ...] = ()
+
+    @property
+    def package_dir(self) -> Path:
+        return Path(inspect.getfile(self.classes[0])).resolve().parent
 
     def sources(self) -> dict[str, Path]:
         """Shipped file name -> the file to copy."""
@@ -52,7 +55,13 @@ class RemoteCode:
         return found
 
     def auto_map(self) -> dict[str, str]:
-        return {"AutoConfig": self.config_class, "AutoModelForCausalLM": self.model_class}
+        config_class, _, causal_class = self.classes
+        return {"AutoConfig": _entry(config_class), "AutoModelForCausalLM": _entry(causal_class)}
+
+
+def _entry(cls: type) -> str:
+    """``module.Class`` as an export's auto_map names it (the module is the shipped file's name)."""
+    return f"{Path(inspect.getfile(cls)).stem}.{cls.__name__}"
 
 
 __all__ = ["COMMON_DIR", "RemoteCode", "kernels_dir"]

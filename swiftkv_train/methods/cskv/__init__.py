@@ -27,7 +27,6 @@ def _student(student) -> LlamaCSKVForCausalLM:
 class CSKV(Method):
     name = "cskv"
     Config = CSKVConfig
-    model_classes = (LlamaCSKVConfig, LlamaCSKVModel, LlamaCSKVForCausalLM)
     remote_code = REMOTE_CODE
     mode_flag = "cskv"
 

@@ -24,7 +24,6 @@ class Locret(Method):
 
     name = "locret"
     Config = LocretConfig
-    model_classes = (LlamaLocretConfig, LlamaLocretModel, LlamaLocretForCausalLM)
     remote_code = REMOTE_CODE
 
     def check_model_config(self, config) -> None:

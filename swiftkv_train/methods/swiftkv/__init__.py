@@ -24,7 +24,6 @@ from .remote_code import REMOTE_CODE, LlamaSwiftKVConfig, LlamaSwiftKVForCausalL
 class SwiftKV(Method):
     name = "swiftkv"
     Config = SwiftKVConfig
-    model_classes = (LlamaSwiftKVConfig, LlamaSwiftKVModel, LlamaSwiftKVForCausalLM)
     remote_code = REMOTE_CODE
     mode_flag = "swiftkv"
     vllm_architecture = ("LlamaSwiftKVForCausalLM", "swiftkv_train.methods.swiftkv.vllm_model:LlamaSwiftKVForCausalLM")

@@ -1,8 +1,6 @@
 """The Locret Llama model (trained retaining heads + budgeted chunked prefill); the sibling files are also what
 an export ships for trust_remote_code."""
 
-from pathlib import Path
-
 from ....remote_code import RemoteCode
 from ....errors import SwiftKVInputError
 from . import configuration_llama_locret
@@ -14,13 +12,11 @@ from .modeling_llama_locret import LlamaLocretForCausalLM, LlamaLocretModel
 # which cannot import swiftkv_train and keep their own LocretSettingsError).
 configuration_llama_locret.LocretSettingsError = SwiftKVInputError
 
-# What an export of this model ships (see swiftkv_train/remote_code): this package's files, the shared ones and
-# the kernels they import.
+# This model's classes and what its exports ship (see swiftkv_train/remote_code): this package's files, the shared
+# ones and the kernels they import.
 REMOTE_CODE = RemoteCode(
-    package_dir=Path(__file__).resolve().parent,
+    classes=(LlamaLocretConfig, LlamaLocretModel, LlamaLocretForCausalLM),
     own=("cache_llama_locret.py", "configuration_llama_locret.py", "modeling_llama_locret.py"),
-    config_class="configuration_llama_locret.LlamaLocretConfig",
-    model_class="modeling_llama_locret.LlamaLocretForCausalLM",
     common=("quant_llama_cskv.py", "transformers_compat.py"),
     kernels=("locret_evict.py",),
 )
