@@ -127,3 +127,14 @@ def compile_sm90(fn, signature, constexprs, num_warps, attrs=None, label=None):
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     assert compiled.asm.get("cubin"), label if label is not None else fn.__name__
     return compiled
+
+
+# The variables a launcher sets; a CLI run in a subprocess must not inherit ones a previous in-process run left.
+DIST_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def cli_env(**extra) -> dict[str, str]:
+    """The environment for ``python -m swiftkv_train`` in a subprocess: CPU DeepSpeed, no wandb, no launcher
+    variables (a single process then picks a free port itself)."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV_KEYS}
+    return {**env, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", **extra}

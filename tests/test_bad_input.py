@@ -4,7 +4,6 @@ malformed JSON Lines (file and line named, or skipped with data.skip_bad_records
 
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,13 +21,13 @@ from swiftkv_train.models.tiny import byte_tokenizer
 from swiftkv_train.methods.swiftkv import to_swiftkv
 from swiftkv_train.methods.swiftkv import SwiftKV
 
+from helpers import cli_env
+
 HINT = "unknown key trainer.lrr (did you mean trainer.lr?)"
 
 
 def run_cli(*overrides, cwd):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        env.pop(key, None)
+    env = cli_env(HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, "-m", "swiftkv_train", *overrides], capture_output=True, text=True,
                           env=env, timeout=600, cwd=cwd)
 

@@ -22,6 +22,8 @@ from swiftkv_train.train import trainer as trainer_mod
 from swiftkv_train.train.schedule import lr_lambda
 from swiftkv_train.train.trainer import Trainer, TrainingDivergedError, run_training
 
+from helpers import cli_env
+
 from test_trainer import _run_cli, losses, make_cfg
 
 MODEL_FILE = "state/mp_rank_00_model_states.pt"
@@ -259,9 +261,7 @@ def test_kill_9_mid_run_then_resume_auto_is_bitwise_equal_to_an_uninterrupted_ru
     args = ["trainer.max_steps=6", "trainer.save_every=1", "trainer.export=none", "trainer.keep_checkpoints=2"]
     run_training(make_cfg(tmp_path / "straight", *args))
     killed = tmp_path / "killed"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        env.pop(key, None)
+    env = cli_env(HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     proc = subprocess.Popen([sys.executable, "-m", "swiftkv_train", "recipe=tiny_cpu_test", f"run_dir={killed}", *args],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pointer, deadline = killed / "checkpoints" / "latest", time.time() + 300

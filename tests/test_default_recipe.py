@@ -2,7 +2,6 @@
 and the report it ends with."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,6 +12,8 @@ from swiftkv_train.__main__ import print_report
 from swiftkv_train.export import save_hf
 from swiftkv_train.models import load_pretrained
 from swiftkv_train.methods.swiftkv import to_swiftkv
+
+from helpers import cli_env
 
 EVALS = {"start": {"kl": 0.97, "top1": 0.62, "ppl_student": 9.71, "ppl_teacher": 3.82},
          "end": {"kl": 0.25, "top1": 0.80, "ppl_student": 4.50, "ppl_teacher": 3.82}}
@@ -34,9 +35,7 @@ def _run_snippet(code: str, tmp_path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_embedded_default_distills_smollm2(tmp_path):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        env.pop(key, None)
+    env = cli_env(HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "-m", "swiftkv_train", f"run_dir={tmp_path}"], capture_output=True,
                           text=True, env=env, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -6,7 +6,6 @@ its settings, training, the held-out evaluation and the export.
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import textwrap
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, cli_env
 
 NAME = "zz_norm_tuning"
 METHOD = textwrap.dedent(
@@ -68,11 +67,10 @@ def new_method_folder():
 
 
 def run_cli(tmp_path, *overrides):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "swiftkv_train", "recipe=tiny_cpu_test", f"run_dir={tmp_path / 'run'}",
          f"transform.name={NAME}", "trainer.max_steps=3", "trainer.save_every=0", "trainer.export=lean",
-         *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+         *overrides], cwd=ROOT, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600,
     )
 
 
