@@ -50,11 +50,17 @@ METHOD_OVERRIDES = {
 # Threads used for every golden computation. Measured on the 2-core CPU box (fp32, torch 2.13, transformers
 # 5.23): two runs with the same thread count, in separate processes, give bitwise-equal losses, eval metrics and
 # exports (checked with RTOL = ATOL = 0), but 1 vs 2 threads changes SwiftKV's losses in the 8th significant digit
-# (reduction order). So floats are compared with rtol=1e-5 (not exactly): tolerant to thread count, CPU ISA and
-# harmless reassociation in the refactor (a+b+c summed in another order), yet far tighter than any real change
-# (lr 3e-3 -> 2.97e-3, or SwiftKV's hidden_loss_weight 1 -> 0.999, each break it). Integers compare exactly.
+# (reduction order), and another CPU changes more: recorded on an earlier session's box and re-run on an AMD EPYC
+# one (2026-12-02), the largest relative deviations were SwiftKV 1.0e-5 (step-3 KL), Locret 1.5e-7, CSKV 3.8e-4 in its step-3
+# reconstruction loss (its calibration's least squares and SVD) and, at the end evaluation, 1.0e-3 in KL and one
+# flipped top-1 token (6e-3 relative: the quantized cache rounds a value that moved to the other side).
+# So losses are compared with rtol=1e-3 and eval metrics with rtol=1e-2: tolerant to thread count, CPU ISA and
+# harmless reassociation in the refactor, yet tighter than a real change: a 1% lower learning rate
+# (3e-3 -> 2.97e-3) moves the losses by 2.0e-2 (SwiftKV), 2.8e-3 (CSKV) and 0.14 (Locret), each a failure.
+# Integers compare exactly.
 THREADS = 1
-RTOL = 1e-5
+RTOL = 1e-3
+RTOL_EVALS = 1e-2
 ATOL = 1e-9  # only for values that are exactly 0 (SwiftKV's hidden loss at step 1)
 
 # config.json fields left out of the hash: transformers writes the INSTALLED version into every saved config; it
@@ -117,14 +123,15 @@ def export_record(export_dir: Path) -> dict:
             "config_sha256": config_sha256(config), "config": config}
 
 
-def assert_close_tree(got, want, where=""):
-    """Floats within RTOL (ATOL for exact zeros), everything else exactly equal, same keys."""
+def assert_close_tree(got, want, where="", rtol=RTOL):
+    """Floats within ``rtol`` (RTOL_EVALS under ``evals``; ATOL for exact zeros), everything else exactly equal,
+    same keys."""
     if isinstance(want, dict):
         assert isinstance(got, dict) and got.keys() == want.keys(), (where, sorted(got), sorted(want))
         for key in sorted(want, key=lambda k: k != "steps"):  # a changed loss is reported before the evals
-            assert_close_tree(got[key], want[key], f"{where}/{key}")
+            assert_close_tree(got[key], want[key], f"{where}/{key}", RTOL_EVALS if key == "evals" else rtol)
     elif isinstance(want, float):
-        assert isinstance(got, (int, float)) and got == pytest.approx(want, rel=RTOL, abs=ATOL), (where, got, want)
+        assert isinstance(got, (int, float)) and got == pytest.approx(want, rel=rtol, abs=ATOL), (where, got, want)
     else:
         assert got == want, (where, got, want)
 
