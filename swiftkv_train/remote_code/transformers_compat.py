@@ -1,15 +1,27 @@
-"""The one place that knows which transformers version is installed (5.17 .. 5.24 are tested).
+"""What every export ships beside its model files: the one place that knows which transformers version is installed
+(5.17 .. 5.24 are tested), and the few pieces of the Llama forward that all our model files share.
 
 transformers 5.24 renamed the cache argument of models, decoder layers, attention layers, mask builders and
 model outputs from ``past_key_values`` to ``cache`` (the old name is still accepted there, with a warning, until
 5.40). The model files call transformers with whichever name the installed version declares, and accept both
-names from their own callers. Shipped beside the model files in every export, so it imports only transformers.
+names from their own callers. Shipped beside the model files in every export, so it imports only torch and
+transformers.
 """
 
 import functools
 import inspect
 
-from transformers.models.llama.modeling_llama import LlamaAttention
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaMLP,
+    LlamaPreTrainedModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    rotate_half,
+)
 
 # Feature test, not a version compare: the name the installed attention layer declares.
 CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaAttention.forward).parameters else "past_key_values"
@@ -43,4 +55,87 @@ def accepts_legacy_cache_name(forward):
     return wrapper
 
 
-__all__ = ["CACHE_ARG", "accepts_legacy_cache_name", "cache_kwarg", "output_cache"]
+# ---- the Llama forward pieces our model files share -----------------------------------------------------------------
+
+def _llama_norm(config) -> nn.Module:
+    return LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+def build_decoder_layer(layer, config, layer_idx: int, attention_class, mlp_class=LlamaMLP, norm=_llama_norm) -> None:
+    """``LlamaDecoderLayer.__init__``'s modules (and GradientCheckpointingLayer's state) with our attention (and
+    optionally MLP and norm: ``norm(config)`` builds one), in Llama's order."""
+    nn.Module.__init__(layer)
+    layer.gradient_checkpointing = False
+    layer.hidden_size = config.hidden_size
+    layer.self_attn = attention_class(config=config, layer_idx=layer_idx)
+    layer.mlp = mlp_class(config)
+    layer.input_layernorm = norm(config)
+    layer.post_attention_layernorm = norm(config)
+
+
+def build_decoder(model, config, layer_class, norm: nn.Module | None = None) -> None:
+    """``LlamaModel.__init__``'s modules with our decoder layers, built once (building Llama's and replacing them
+    would allocate every layer twice, which matters at 70B). The caller adds its own modules, then ``post_init``."""
+    LlamaPreTrainedModel.__init__(model, config)
+    model.padding_idx = config.pad_token_id
+    model.vocab_size = config.vocab_size
+    model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, model.padding_idx)
+    model.layers = nn.ModuleList([layer_class(config, layer_idx) for layer_idx in range(config.num_hidden_layers)])
+    model.norm = norm if norm is not None else _llama_norm(config)
+    model.rotary_emb = LlamaRotaryEmbedding(config=config)
+    model.gradient_checkpointing = False
+
+
+def build_causal_lm(lm, config, model_class) -> None:
+    """``LlamaForCausalLM.__init__``'s modules around our decoder; the caller then runs ``post_init``."""
+    LlamaPreTrainedModel.__init__(lm, config)
+    lm.model = model_class(config)
+    lm.vocab_size = config.vocab_size
+    lm.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on one [B, H, S, D] tensor (cos/sin are [B or 1, S, D])."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (x * cos) + (rotate_half(x) * sin)
+
+
+def embed_inputs(model, input_ids, inputs_embeds) -> torch.Tensor:
+    """The decoder's input embeddings: exactly one of ``input_ids`` / ``inputs_embeds`` (transformers' rule)."""
+    if (input_ids is None) ^ (inputs_embeds is not None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    return model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+
+
+def decoder_output(model, hidden_states, all_hidden: list | None, cache) -> BaseModelOutputWithPast:
+    """The final norm and the decoder's output; ``all_hidden`` (per-layer inputs, when requested) ends with the
+    normed last state, transformers' convention."""
+    hidden_states = model.norm(hidden_states)
+    if all_hidden is not None:
+        all_hidden[-1] = hidden_states
+    return BaseModelOutputWithPast(
+        last_hidden_state=hidden_states,
+        hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        **cache_kwarg(cache),
+    )
+
+
+def causal_lm_output(lm, outputs, logits_to_keep, labels, **kwargs) -> CausalLMOutputWithPast:
+    """The LM head over the kept positions (``logits_to_keep``: the last n, or an index tensor) and the loss."""
+    hidden_states = outputs.last_hidden_state
+    if isinstance(logits_to_keep, int):
+        hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+    else:
+        hidden_states = hidden_states[:, logits_to_keep]
+    logits = lm.lm_head(hidden_states)
+    loss = None
+    if labels is not None:
+        loss = lm.loss_function(logits=logits, labels=labels, vocab_size=lm.config.vocab_size, **kwargs)
+    return CausalLMOutputWithPast(
+        loss=loss, logits=logits, hidden_states=outputs.hidden_states, **cache_kwarg(output_cache(outputs))
+    )
+
+
+__all__ = ["CACHE_ARG", "accepts_legacy_cache_name", "apply_rope", "build_causal_lm", "build_decoder",
+           "build_decoder_layer", "cache_kwarg",
+           "causal_lm_output", "decoder_output", "embed_inputs", "output_cache"]

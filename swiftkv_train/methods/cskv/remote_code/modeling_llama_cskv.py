@@ -31,23 +31,23 @@ from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaDecoderLayer,
     LlamaForCausalLM,
-    LlamaMLP,
     LlamaModel,
-    LlamaPreTrainedModel,
-    LlamaRMSNorm,
-    LlamaRotaryEmbedding,
     eager_attention_forward,
     repeat_kv,
-    rotate_half,
 )
 
 from .cache_llama_cskv import CSKVCache, CSKVCacheLayer
 from .configuration_llama_cskv import LlamaCSKVConfig
 
 try:  # beside this file in an export, one level up in the package
-    from .transformers_compat import CACHE_ARG, accepts_legacy_cache_name, cache_kwarg, output_cache
+    from .transformers_compat import (CACHE_ARG, accepts_legacy_cache_name, apply_rope, build_causal_lm,
+                                      build_decoder, build_decoder_layer, cache_kwarg, causal_lm_output,
+                                      decoder_output, embed_inputs)
 except ImportError:
-    from swiftkv_train.remote_code.transformers_compat import CACHE_ARG, accepts_legacy_cache_name, cache_kwarg, output_cache
+    from swiftkv_train.remote_code.transformers_compat import (CACHE_ARG, accepts_legacy_cache_name, apply_rope,
+                                                               build_causal_lm, build_decoder, build_decoder_layer,
+                                                               cache_kwarg, causal_lm_output, decoder_output,
+                                                               embed_inputs)
 try:  # the shared KV quantizer, likewise
     from .quant_llama_cskv import fake_quant_keys, fake_quant_values
 except ImportError:
@@ -60,12 +60,6 @@ except ImportError:
         from swiftkv_kernels.cskv_decode import cskv_decode_attention, kernel_available
     except ImportError:  # neither: the torch path only
         cskv_decode_attention = None
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on one [B, H, S, D] tensor (cos/sin are [B, S, D])."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (x * cos) + (rotate_half(x) * sin)
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -274,13 +268,7 @@ class LlamaCSKVDecoderLayer(LlamaDecoderLayer):
     """The Llama decoder layer with CSKV attention (the CSKV keyword arguments reach the attention via kwargs)."""
 
     def __init__(self, config: LlamaCSKVConfig, layer_idx: int):
-        nn.Module.__init__(self)
-        self.gradient_checkpointing = False
-        self.hidden_size = config.hidden_size
-        self.self_attn = LlamaCSKVAttention(config=config, layer_idx=layer_idx)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        build_decoder_layer(self, config, layer_idx, LlamaCSKVAttention)
 
 
 def allowed_keys(batch: int, seq: int, attention_mask, position_ids, device) -> torch.Tensor:
@@ -304,17 +292,7 @@ class LlamaCSKVModel(LlamaModel):
     config_class = LlamaCSKVConfig
 
     def __init__(self, config: LlamaCSKVConfig):
-        # The modules of LlamaModel.__init__, built once with CSKV layers.
-        LlamaPreTrainedModel.__init__(self, config)
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            [LlamaCSKVDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
-        )
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
-        self.gradient_checkpointing = False
+        build_decoder(self, config, LlamaCSKVDecoderLayer)
         self.post_init()
 
     def _checked_cache(self, cache, use_cache: bool):
@@ -350,10 +328,7 @@ class LlamaCSKVModel(LlamaModel):
     ) -> BaseModelOutputWithPast:
         """Llama forward; ``cskv_decode_from`` (no cache, CSKV mode): see the module docstring."""
         config = self.config
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+        inputs_embeds = embed_inputs(self, input_ids, inputs_embeds)
         use_cache = config.use_cache if use_cache is None else use_cache
         if cskv_decode_from is not None and (cache is not None or use_cache):
             raise ValueError("cskv_decode_from simulates decoding without a cache: pass use_cache=False and no cache.")
@@ -394,24 +369,14 @@ class LlamaCSKVModel(LlamaModel):
             )
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
-        hidden_states = self.norm(hidden_states)
-        if all_hidden is not None:
-            all_hidden[-1] = hidden_states  # transformers' convention: the last entry is after the final norm
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
-            **cache_kwarg(cache if use_cache else None),
-        )
+        return decoder_output(self, hidden_states, all_hidden, cache if use_cache else None)
 
 
 class LlamaCSKVForCausalLM(LlamaForCausalLM):
     config_class = LlamaCSKVConfig
 
     def __init__(self, config: LlamaCSKVConfig):
-        LlamaPreTrainedModel.__init__(self, config)
-        self.model = LlamaCSKVModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        build_causal_lm(self, config, LlamaCSKVModel)
         self.post_init()
 
     def cskv(self, enabled: bool = True) -> "LlamaCSKVForCausalLM":
@@ -469,21 +434,7 @@ class LlamaCSKVForCausalLM(LlamaForCausalLM):
             cskv_decode_from=cskv_decode_from,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
-        else:
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            **cache_kwarg(output_cache(outputs)),
-        )
+        return causal_lm_output(self, outputs, logits_to_keep, labels, **kwargs)
 
 
 CSKV_FACTOR_NAMES = ("k_proj_a", "k_proj_b", "v_proj_a", "v_proj_b")

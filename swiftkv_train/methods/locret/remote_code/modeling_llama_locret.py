@@ -33,30 +33,22 @@ from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaDecoderLayer,
     LlamaForCausalLM,
-    LlamaMLP,
     LlamaModel,
-    LlamaPreTrainedModel,
-    LlamaRMSNorm,
-    LlamaRotaryEmbedding,
     eager_attention_forward,
-    rotate_half,
 )
 
 from .cache_llama_locret import LocretCache
 from .configuration_llama_locret import LlamaLocretConfig, LocretSettings, settings_error, validate_locret_settings
 
 try:  # beside this file in an export, one level up in the package
-    from .transformers_compat import accepts_legacy_cache_name, cache_kwarg
+    from .transformers_compat import (accepts_legacy_cache_name, apply_rope, build_causal_lm, build_decoder,
+                                      build_decoder_layer, cache_kwarg, decoder_output)
 except ImportError:
-    from swiftkv_train.remote_code.transformers_compat import accepts_legacy_cache_name, cache_kwarg
+    from swiftkv_train.remote_code.transformers_compat import (accepts_legacy_cache_name, apply_rope, build_causal_lm,
+                                                               build_decoder, build_decoder_layer, cache_kwarg,
+                                                               decoder_output)
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on one [B, H, S, D] tensor (cos/sin are [B or 1, S, D])."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (x * cos) + (rotate_half(x) * sin)
 
 
 class LocretRetainingHead(nn.Module):
@@ -124,14 +116,7 @@ class LlamaLocretAttention(LlamaAttention):
 
 class LlamaLocretDecoderLayer(LlamaDecoderLayer):
     def __init__(self, config: LlamaLocretConfig, layer_idx: int):
-        nn.Module.__init__(self)
-        # GradientCheckpointingLayer's own state, then the Llama layer's modules with the Locret attention.
-        self.gradient_checkpointing = False
-        self.hidden_size = config.hidden_size
-        self.self_attn = LlamaLocretAttention(config=config, layer_idx=layer_idx)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        build_decoder_layer(self, config, layer_idx, LlamaLocretAttention)
 
 
 def chunk_causal_mask(num_new: int, num_cached: int, dtype, device) -> torch.Tensor | None:
@@ -150,17 +135,7 @@ class LlamaLocretModel(LlamaModel):
     _no_split_modules = ["LlamaLocretDecoderLayer"]
 
     def __init__(self, config: LlamaLocretConfig):
-        # LlamaModel's modules, built once with the Locret layers (not built and then replaced).
-        LlamaPreTrainedModel.__init__(self, config)
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            [LlamaLocretDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
-        )
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
-        self.gradient_checkpointing = False
+        build_decoder(self, config, LlamaLocretDecoderLayer)
         self.post_init()
 
     @accepts_legacy_cache_name
@@ -217,7 +192,7 @@ class LlamaLocretModel(LlamaModel):
                 **cache_kwarg(cache),
             )
         cache.end_step()
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **cache_kwarg(cache))
+        return decoder_output(self, hidden_states, None, cache)
 
 
 class LlamaLocretForCausalLM(LlamaForCausalLM):
@@ -225,10 +200,7 @@ class LlamaLocretForCausalLM(LlamaForCausalLM):
     _no_split_modules = ["LlamaLocretDecoderLayer"]
 
     def __init__(self, config: LlamaLocretConfig):
-        LlamaPreTrainedModel.__init__(self, config)
-        self.model = LlamaLocretModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        build_causal_lm(self, config, LlamaLocretModel)
         self.post_init()
 
     # ---- settings -----------------------------------------------------------------------------------------------

@@ -24,19 +24,19 @@ from transformers.models.llama.modeling_llama import (
     LlamaForCausalLM,
     LlamaMLP,
     LlamaModel,
-    LlamaPreTrainedModel,
     LlamaRMSNorm,
-    LlamaRotaryEmbedding,
     eager_attention_forward,
-    rotate_half,
 )
 
 from .configuration_llama_swiftkv import LlamaSwiftKVConfig
 
 try:  # beside this file in an export, one level up in the package
-    from .transformers_compat import accepts_legacy_cache_name, cache_kwarg, output_cache
+    from .transformers_compat import (accepts_legacy_cache_name, apply_rope, build_causal_lm, build_decoder,
+                                      build_decoder_layer, cache_kwarg, causal_lm_output, decoder_output, embed_inputs)
 except ImportError:
-    from swiftkv_train.remote_code.transformers_compat import accepts_legacy_cache_name, cache_kwarg, output_cache
+    from swiftkv_train.remote_code.transformers_compat import (accepts_legacy_cache_name, apply_rope, build_causal_lm,
+                                                               build_decoder, build_decoder_layer, cache_kwarg,
+                                                               causal_lm_output, decoder_output, embed_inputs)
 
 try:  # Fused prefill kernels: beside this file in an export, from the swiftkv_kernels package otherwise.
     from .swiftkv_prefill_kv import fused_swiftkv_kv, kernel_available, rms_norm, silu_mul
@@ -45,12 +45,6 @@ except ImportError:
         from swiftkv_kernels.swiftkv_prefill_kv import fused_swiftkv_kv, kernel_available, rms_norm, silu_mul
     except ImportError:  # neither: the torch path only
         fused_swiftkv_kv = rms_norm = silu_mul = None
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on one [B, H, S, D] tensor (cos/sin are [B, S, D])."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (x * cos) + (rotate_half(x) * sin)
 
 
 def _fused_inference(config, x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -212,14 +206,7 @@ class LlamaSwiftKVDecoderLayer(LlamaDecoderLayer):
     """The Llama decoder layer with SwiftKV attention; ``shared_key_value`` reaches the attention via kwargs."""
 
     def __init__(self, config: LlamaSwiftKVConfig, layer_idx: int):
-        nn.Module.__init__(self)
-        # GradientCheckpointingLayer's own state, then the Llama layer's modules with SwiftKV attention.
-        self.gradient_checkpointing = False
-        self.hidden_size = config.hidden_size
-        self.self_attn = LlamaSwiftKVAttention(config=config, layer_idx=layer_idx)
-        self.mlp = LlamaSwiftKVMLP(config)
-        self.input_layernorm = LlamaSwiftKVRMSNorm(config)
-        self.post_attention_layernorm = LlamaSwiftKVRMSNorm(config)
+        build_decoder_layer(self, config, layer_idx, LlamaSwiftKVAttention, LlamaSwiftKVMLP, LlamaSwiftKVRMSNorm)
 
 
 def _last_query_row(attention_mask):
@@ -233,19 +220,8 @@ class LlamaSwiftKVModel(LlamaModel):
     config_class = LlamaSwiftKVConfig
 
     def __init__(self, config: LlamaSwiftKVConfig):
-        # Same modules as LlamaModel.__init__, built once (not built and then replaced: that would allocate
-        # every layer twice, which matters at 70B).
-        LlamaPreTrainedModel.__init__(self, config)
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            [LlamaSwiftKVDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
-        )
-        self.norm = LlamaSwiftKVRMSNorm(config)
+        build_decoder(self, config, LlamaSwiftKVDecoderLayer, norm=LlamaSwiftKVRMSNorm(config))
         self.norm_swiftkv = LlamaSwiftKVRMSNorm(config)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
-        self.gradient_checkpointing = False
         self.post_init()
 
     def swiftkv_key_values(self, h_m, position_embeddings, cache=None):
@@ -329,10 +305,7 @@ class LlamaSwiftKVModel(LlamaModel):
         """Llama forward. ``last_token_only`` (set by the LM head when it keeps one position) lets SwiftKV run
         the later layers on the last position only; the cache still receives K/V for every position."""
         config = self.config
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+        inputs_embeds = embed_inputs(self, input_ids, inputs_embeds)
         use_cache = config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache()
@@ -383,25 +356,14 @@ class LlamaSwiftKVModel(LlamaModel):
                 )
                 if all_hidden is not None:
                     all_hidden.append(hidden_states)
-
-        hidden_states = self.norm(hidden_states)
-        if all_hidden is not None:
-            all_hidden[-1] = hidden_states  # transformers' convention: the last entry is after the final norm
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
-            **cache_kwarg(cache if use_cache else None),
-        )
+        return decoder_output(self, hidden_states, all_hidden, cache if use_cache else None)
 
 
 class LlamaSwiftKVForCausalLM(LlamaForCausalLM):
     config_class = LlamaSwiftKVConfig
 
     def __init__(self, config: LlamaSwiftKVConfig):
-        LlamaPreTrainedModel.__init__(self, config)
-        self.model = LlamaSwiftKVModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        build_causal_lm(self, config, LlamaSwiftKVModel)
         self.post_init()
 
     def swiftkv(self, enabled: bool = True) -> "LlamaSwiftKVForCausalLM":
@@ -454,21 +416,7 @@ class LlamaSwiftKVForCausalLM(LlamaForCausalLM):
             output_hidden_states=output_hidden_states,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
-        else:
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            **cache_kwarg(output_cache(outputs)),
-        )
+        return causal_lm_output(self, outputs, logits_to_keep, labels, **kwargs)
 
 
 __all__ = [
