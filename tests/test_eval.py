@@ -132,10 +132,12 @@ def test_needle_and_efficiency_numbers(tiny, essays):
     full, streaming = res["needle"][0], res["needle"][1]
     assert [t["prompt_tokens"] for t in full["trials"]] == [300, 300, 350, 350]
     assert full["kv_bytes_per_token"] == 1024.0  # fp32: 2 (K,V) x 4 layers x 2 KV heads x 16 dims x 4 bytes
-    assert all(t["kv_tokens_held"] == 32 for t in streaming["trials"])
-    # without chunking the whole prompt is cached before the first eviction: the peak is the full cache
+    # question-independent (the default): 32 entries of the context kept, then the question appended
+    assert all(t["kv_context_tokens_held"] == 32 for t in streaming["trials"])
+    assert all(t["kv_tokens_held"] == 32 + t["question_tokens"] for t in streaming["trials"])
+    # without chunking the whole context is cached before the first eviction: the peak is its full cache
     assert all(t["kv_peak_bytes"] == 1024 * t["prompt_tokens"] for t in full["trials"])
-    assert all(t["kv_peak_bytes"] > 1024 * t["prompt_tokens"] for t in streaming["trials"])  # + positions
+    assert all(t["kv_peak_bytes"] > 1024 * t["context_tokens"] for t in streaming["trials"])  # + positions
     assert all(t["prefill_s"] > 0 for t in full["trials"])
     eff = {r["policy"]: r["rows"][0] for r in res["efficiency"]}
     assert eff["full"]["kv_bytes_per_token"] == 1024.0
@@ -156,8 +158,10 @@ def test_needle_with_chunked_prefill_bounds_the_peak_cache(tiny, essays):
     assert full["kv_peak_bytes"] == 300 * 1024  # the full cache: every token, whatever the chunking
     # K/V (1024 B per entry over all layers) + int32 positions + fp32 scores (2 KV heads x 4 layers each)
     per_entry = 1024 + (4 + 4) * 2 * 4
-    assert h2o["kv_peak_bytes"] == (32 + 40) * per_entry
-    assert h2o["trials"][0]["kv_tokens_held"] == 32
+    # the context: at most budget + one chunk; then the question is appended whole (question-independent)
+    question = h2o["trials"][0]["question_tokens"]
+    assert h2o["kv_peak_bytes"] == (32 + max(40, question)) * per_entry
+    assert h2o["trials"][0]["kv_context_tokens_held"] == 32
     assert h2o["settings"]["prefill_chunk"] == 40
 
 

@@ -111,8 +111,14 @@ class NeedleConfig:
     snap_to_sentence: bool = True
     seed: int = 0
     # Prefill the prompt in chunks of this many tokens, the policy evicting after each (null = one forward): a
-    # budgeted cache then never holds more than budget + chunk entries, and the peak is what is reported.
+    # budgeted cache then never holds more than budget + chunk entries (+ the question, appended after it unless
+    # query_aware), and the peak is what is reported.
     prefill_chunk: int | None = None
+    # false (default, the field's convention): question-independent, the policy compresses the context (chat
+    # prefix + intro + haystack with the needle) alone, then the question + assistant turn + answer prefix are
+    # appended uncompressed and the answer decoded; a fractional budget is a share of the context. true: the
+    # question is part of the prompt the policy compresses (query-aware SnapKV/H2O/Keyformer see it).
+    query_aware: bool = False
 
 
 @dataclass

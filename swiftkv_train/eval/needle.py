@@ -10,6 +10,14 @@ length (slack 0). The needle goes after ``round(depth * haystack_tokens)`` hayst
 ``snap_window`` tokens (the achieved depth is recorded per trial). The assistant turn is opened and started with
 the answer prefix ("The special magic number is"): the real SmolLM2 teacher retrieves reliably in this format
 and not without it. Scoring: the first integer in the greedy continuation must equal the needle's number.
+
+Context and question (``query_aware``): by default the prompt is split at the end of the haystack. The CONTEXT
+(chat prefix + intro + haystack with the needle) is prefilled and compressed by the cache policy alone; the
+QUESTION (question + assistant turn + answer prefix) is then appended to the compressed cache, never evicted and
+never scored (`policies.greedy_generate(..., question_ids=...)`): question-independent compression, the field's
+convention (kvpress). ``query_aware=true`` compresses the whole prompt, question included (the earlier behaviour,
+which flatters query-aware policies). The token ids are the same either way; a fractional budget is a share of
+the context in the first case and of the whole prompt in the second.
 """
 
 from __future__ import annotations
@@ -68,6 +76,7 @@ class NeedlePrompt:
     tokens_before_needle: int
     haystack_tokens: int
     needle_tokens: int
+    context_tokens: int  # input_ids[:context_tokens]: chat prefix + intro + haystack with needle; then the question
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -132,7 +141,7 @@ def build_prompt(tokenizer, variant: Variant, hay_source: list[int], length: int
     if snap_to_sentence:
         cut = _snap_back(tokenizer, hay, cut, snap_window)
     ids = before + hay[:cut] + needle + hay[cut:] + after
-    return NeedlePrompt(ids, value, depth, cut / hay_len, cut, hay_len, len(needle))
+    return NeedlePrompt(ids, value, depth, cut / hay_len, cut, hay_len, len(needle), len(ids) - len(after))
 
 
 def score_answer(generated: str, value: str) -> bool:
@@ -198,15 +207,19 @@ def run_retrieval(subject: Subject, variant: Variant, cfg, policy=None, policy_n
             value = _value(cfg.seed, variant.name, length, depth, sample, cfg.digits)
             prompt = build_prompt(tokenizer, variant, hay, length, depth / 100, value, cfg.snap_to_sentence)
             ids = torch.tensor([prompt.input_ids], device=model.device)
-            out = greedy_generate(model, ids, cfg.max_new_tokens, policy=policy, eos_token_id=eos,
-                                  prefill_chunk=cfg.prefill_chunk)
+            context, question = (ids, None) if cfg.query_aware else \
+                (ids[:, : prompt.context_tokens], ids[:, prompt.context_tokens :])
+            out = greedy_generate(model, context, cfg.max_new_tokens, policy=policy, eos_token_id=eos,
+                                  prefill_chunk=cfg.prefill_chunk, question_ids=question)
             text = tokenizer.decode(out.tokens[0], skip_special_tokens=True)
             trials.append({
                 "length": length, "depth": depth, "sample": sample, "depth_actual": round(prompt.depth_actual, 4),
                 "prompt_tokens": len(prompt.input_ids), "haystack_tokens": prompt.haystack_tokens,
                 "tokens_before_needle": prompt.tokens_before_needle, "value": value, "output": text.strip(),
                 "correct": score_answer(text, value),
+                "context_tokens": context.shape[1], "question_tokens": out.question_tokens,
                 "kv_tokens_held": out.tokens_held_after_prefill,
+                "kv_context_tokens_held": out.tokens_held_after_context,
                 "kv_bytes_per_token": out.cache_bytes_after_prefill / len(prompt.input_ids),
                 "kv_peak_bytes": out.cache_bytes_peak, "prefill_s": round(out.prefill_seconds, 5),
             })
@@ -224,7 +237,7 @@ def run_retrieval(subject: Subject, variant: Variant, cfg, policy=None, policy_n
             "haystack": None if texts is None else cfg.haystack, "context_lengths": list(cfg.context_lengths),
             "depths_percent": depths, "samples": cfg.samples, "digits": cfg.digits, "seed": cfg.seed,
             "max_new_tokens": cfg.max_new_tokens, "snap_to_sentence": cfg.snap_to_sentence,
-            "prefill_chunk": cfg.prefill_chunk,
+            "prefill_chunk": cfg.prefill_chunk, "query_aware": cfg.query_aware,
             "question": variant.question, "answer_prefix": variant.answer_prefix,
             "chat_template": bool(getattr(tokenizer, "chat_template", None)), "length_slack_tokens": 0,
             "policy": policy.settings() if policy is not None else {"name": "full"},

@@ -70,7 +70,14 @@ class PolicyCache(Cache):
         self._positions: torch.Tensor | None = None
         self._token = None
         self.peak_nbytes = 0  # measured at the end of each prefill step, before its eviction: the prefill's peak
+        # Frozen: no more eviction, and attention / pushed scores are ignored (the question-independent mode of
+        # generate.greedy_generate freezes the cache once the context is compressed).
+        self.frozen = False
         policy.start(prompt_len, max_new_tokens)
+
+    def freeze(self) -> None:
+        """From now on keep every entry and let no step's scores reach the policy."""
+        self.frozen = True
 
     # -- the step protocol driven by the generation loop -------------------------------------------------------
     def begin_step(self, positions: torch.Tensor, decode_step: int) -> None:
@@ -84,7 +91,7 @@ class PolicyCache(Cache):
         """Evict per the policy in every slot (prefill: after each chunk; decode: after each token)."""
         if self.step.is_prefill:
             self.peak_nbytes = max(self.peak_nbytes, cache_nbytes(self))
-        if not self.step.is_prefill and not self.policy.evict_during_decode:
+        if self.frozen or (not self.step.is_prefill and not self.policy.evict_during_decode):
             return
         for slot, layer in enumerate(self.layers):
             if layer.keys is None:
@@ -112,12 +119,16 @@ class PolicyCache(Cache):
     # -- score inputs ------------------------------------------------------------------------------------------
     def add_attention_scores(self, slot: int, contribution: torch.Tensor) -> None:
         """Fold one step's per-key attention contribution [B, H_kv, L] into the slot's running score."""
+        if self.frozen:
+            return
         layer = self.layers[slot]
         layer.scores = self.policy.accumulate(layer.scores, contribution.to(layer.scores))
 
     def set_token_scores(self, slot: int, scores: torch.Tensor) -> None:
         """Scores of the step's NEW tokens, [B, H_kv, q], computed by the model (a learned scorer; it calls
         `active.record_token_scores`)."""
+        if self.frozen:
+            return
         layer = self.layers[slot]
         new = scores.shape[-1]
         layer.scores[..., -new:] = scores.to(layer.scores)
