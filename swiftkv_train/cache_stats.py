@@ -26,4 +26,12 @@ def cache_nbytes(cache) -> int:
     layers = getattr(cache, "layers", None)
     if layers is None:
         return _tensor_bytes(vars(cache), seen)
-    return sum(_tensor_bytes(vars(layer), seen) for layer in layers)
+    return sum(_layer_bytes(layer, seen) for layer in layers)
+
+
+def _layer_bytes(layer, seen: set) -> int:
+    # A layer stored with padding entries (per-head budgets: policies/cache.py) counts only its real ones, as a
+    # ragged layout would store them.
+    nbytes = _tensor_bytes(vars(layer), seen)
+    share = layer.held_share() if callable(getattr(layer, "held_share", None)) else None
+    return nbytes if share is None else round(nbytes * share)

@@ -183,7 +183,10 @@ POLICY_NEW_TOKENS = 5
 
 def policy_cases():
     """name -> (policy factory, greedy_generate keyword arguments). One or more settings per registered policy."""
-    from swiftkv_train.policies import H2O, FullCache, Keyformer, LearnedScorePolicy, SnapKV, StreamingLLM
+    from swiftkv_train.policies import (H2O, TOVA, AdaKV, ExpectedAttention, FullCache, Keyformer, Knorm,
+                                       LearnedScorePolicy, PyramidKV, SnapKV, StreamingLLM)
+
+    snap = {"observation_window": 4, "pool_kernel": 3}
 
     return {
         "full": (lambda: FullCache(), {}),
@@ -196,6 +199,13 @@ def policy_cases():
         "learned_locret": (lambda: LearnedScorePolicy(16, stabilizers=4), {"locret": True}),
         "learned_locret_chunked": (lambda: LearnedScorePolicy(16, stabilizers=4),
                                    {"locret": True, "prefill_chunk": 16}),
+        # added with issue 17 (the cases above are unchanged)
+        "tova": (lambda: TOVA(16), {}),
+        "tova_group": (lambda: TOVA(16, head_average="group"), {}),
+        "knorm": (lambda: Knorm(16, sink_tokens=2), {}),
+        "expected_attention": (lambda: ExpectedAttention(16, future_positions=64), {}),
+        "pyramid_snapkv": (lambda: PyramidKV(16, inner="snapkv", inner_settings=snap), {}),
+        "adakv_snapkv": (lambda: AdaKV(16, inner="snapkv", inner_settings=snap), {}),
     }
 
 

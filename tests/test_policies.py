@@ -16,6 +16,12 @@ from swiftkv_train.models.tiny import random_model
 from swiftkv_train.policies import (
     H2O,
     POLICIES,
+    TOVA,
+    AdaKV,
+    BudgetAllocation,
+    ExpectedAttention,
+    Knorm,
+    PyramidKV,
     Budget,
     BudgetedPolicy,
     CachePolicy,
@@ -72,11 +78,18 @@ ALL_POLICIES = [
     lambda: Keyformer(200, seed=1),
     lambda: SnapKV(200),
     lambda: LearnedScorePolicy(200),
+    lambda: TOVA(200),
+    lambda: Knorm(200, evict_during_decode=True),
+    lambda: ExpectedAttention(200),
+    lambda: PyramidKV(200, inner="h2o"),
+    lambda: AdaKV(200, inner="snapkv"),
+    lambda: AdaKV(200, inner="tova", inner_settings={"head_average": "group"}),
 ]
 
 
 @pytest.mark.parametrize("make", ALL_POLICIES, ids=["full", "streaming", "h2o", "h2o-window", "keyformer", "snapkv",
-                                                    "learned"])
+                                                    "learned", "tova", "knorm", "expected-attention", "pyramid-h2o",
+                                                    "adakv-snapkv", "adakv-tova"])
 def test_budget_at_least_sequence_reproduces_full_cache(tiny, make):
     model, _ = tiny
     ids = prompt()
@@ -249,12 +262,17 @@ SMALL_PROTECTED = {"sink_tokens": 2, "stabilizers": 3, "observation_window": 4}
 BUDGET = 12
 
 
-def generic_policy(cls) -> CachePolicy:
-    """``cls`` with its own defaults, a budget if it takes one, and `SMALL_PROTECTED` where it has the setting."""
+def generic_policy(cls, inner: str | None = None) -> CachePolicy:
+    """``cls`` with its own defaults, a budget if it takes one, and `SMALL_PROTECTED` where it has the setting (a
+    budget wrapper: where its inner policy, ``inner`` or its default, has it)."""
     names = {f.name for f in cls.setting_fields()}
     settings = {k: v for k, v in SMALL_PROTECTED.items() if k in names}
     if "budget" in names:
         settings["budget"] = BUDGET
+    if issubclass(cls, BudgetAllocation):
+        inner = inner or cls.__dataclass_fields__["inner"].default
+        inner_names = {f.name for f in POLICIES[inner].setting_fields()}
+        settings.update(inner=inner, inner_settings={k: v for k, v in SMALL_PROTECTED.items() if k in inner_names})
     return cls(**settings)
 
 
@@ -285,10 +303,10 @@ def model_for(policy: CachePolicy):
     pytest.fail(f"no tiny model can feed policy {policy.name!r}")
 
 
-@pytest.mark.parametrize("chunk", [None, 16], ids=["one-prefill", "chunked-prefill"])
-@pytest.mark.parametrize("name", sorted(POLICIES))
-def test_every_policy_respects_its_budget_and_keeps_its_protected_tokens(name, chunk):
-    policy = generic_policy(POLICIES[name])
+def check_budget_and_protected(policy: CachePolicy, chunk):
+    """Generate under ``policy`` and check, slot by slot and head by head, what it holds: its budget (per layer
+    and head; a per-head-budget policy: the layer's total over its heads) and its protected oldest / newest
+    entries, in position order."""
     model = model_for(policy)
     ids = prompt(batch=2, length=40)
     new = 6
@@ -301,20 +319,53 @@ def test_every_policy_respects_its_budget_and_keeps_its_protected_tokens(name, c
         assert all((layer.positions == torch.arange(fed, dtype=torch.int32)).all() for layer in out.cache.layers)
         return
     oldest, newest = policy.protected()
-    assert policy.capacity == BUDGET and out.tokens_held_after_prefill == BUDGET
-    assert 0 < oldest + newest < BUDGET or name == "streaming_llm"  # StreamingLLM protects all it keeps
-    held = BUDGET if policy.evict_during_decode else BUDGET + new - 1
+    assert policy.capacity == BUDGET
+    ranker = policy.policy if isinstance(policy, BudgetAllocation) else policy
+    assert 0 < oldest + newest < BUDGET or ranker.name == "streaming_llm"  # StreamingLLM protects all it keeps
+    grown = 0 if policy.evict_during_decode else new - 1  # entries appended after the last eviction
+    assert out.cache.tokens_held() == BUDGET + grown
+    slots = len(out.cache.layers)
+    assert sum(policy.slot_capacity(slot) for slot in range(slots)) == slots * BUDGET
     # where the protected newest entries end: the last token fed, or the prompt when decoding does not evict
     end = fed if policy.evict_during_decode else 40
-    for layer in out.cache.layers:
-        positions = layer.positions
-        assert positions.shape == (2, model.config.num_key_value_heads, held)
-        assert (positions.diff(dim=-1) > 0).all()  # distinct, in position order
-        kept = positions if policy.evict_during_decode else positions[..., :BUDGET]
-        assert (kept[..., :oldest] == torch.arange(oldest, dtype=torch.int32)).all()
-        assert (kept[..., BUDGET - newest:] == torch.arange(end - newest, end, dtype=torch.int32)).all()
-        if not policy.evict_during_decode:
-            assert (positions[..., BUDGET:] == torch.arange(40, fed, dtype=torch.int32)).all()
+    kv_heads = model.config.num_key_value_heads
+    for slot, layer in enumerate(out.cache.layers):
+        capacity, (oldest, newest) = policy.slot_capacity(slot), policy.slot_protected(slot)
+        valid = layer.positions >= 0
+        if policy.ragged:  # one budget for the layer, shared by its heads
+            assert (valid.sum(dim=(1, 2)) == kv_heads * (capacity + grown)).all()
+        else:
+            assert layer.positions.shape == (2, kv_heads, capacity + grown) and valid.all()
+        for seq in range(2):
+            for head in range(kv_heads):
+                positions = layer.positions[seq, head][valid[seq, head]]
+                assert (positions.diff() > 0).all()  # distinct, in position order
+                kept = positions[: len(positions) - grown]
+                assert kept[:oldest].tolist() == list(range(oldest))
+                assert kept[len(kept) - newest:].tolist() == list(range(end - newest, end))
+                assert positions[len(kept):].tolist() == list(range(40, 40 + grown))
+
+
+@pytest.mark.parametrize("chunk", [None, 16], ids=["one-prefill", "chunked-prefill"])
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_respects_its_budget_and_keeps_its_protected_tokens(name, chunk):
+    policy = generic_policy(POLICIES[name])
+    check_budget_and_protected(policy, chunk)
+    if not isinstance(policy, BudgetAllocation) and isinstance(policy, BudgetedPolicy):
+        assert policy.slot_capacity(0) == BUDGET
+
+
+RANKERS = sorted(n for n, c in POLICIES.items() if issubclass(c, BudgetedPolicy) and not issubclass(c, BudgetAllocation)
+                 and c.ranking is not BudgetedPolicy.ranking)
+WRAPPERS = sorted(n for n, c in POLICIES.items() if issubclass(c, BudgetAllocation))
+
+
+@pytest.mark.parametrize("inner", RANKERS)
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+def test_every_budget_wrapper_runs_every_ranking_policy(wrapper, inner):
+    """The wrappers around each ranking policy: budgets per layer / per head and the inner's protected entries."""
+    assert {"h2o", "snapkv", "tova", "knorm", "expected_attention", "streaming_llm"} <= set(RANKERS)
+    check_budget_and_protected(generic_policy(POLICIES[wrapper], inner=inner), chunk=None)
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))

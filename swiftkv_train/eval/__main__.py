@@ -1,5 +1,7 @@
 """`python -m swiftkv_train.eval model=<spec> [teacher=<spec>|self] suite=<...> out_dir=<dir> key=value ...`
 
+`python -m swiftkv_train.eval --help-policies` lists every registered cache policy and its settings.
+
 Loads the model (any `load_pretrained` spec or export dir), optionally converts it with a method on the fly
 (``transform.name=<method> transform.<method>.<setting>=...``, the recipes' keys), loads the teacher, runs the suites and writes results.json, results.md
 and PNG plots to ``out_dir`` (Hydra writes nothing else there and never changes directory).
@@ -57,6 +59,24 @@ def check_moved_keys(args: list[str]) -> None:
             )
 
 
+def policies_help() -> str:
+    """One paragraph per registered cache policy: its name, what it keeps (its docstring's first line, up to the
+    end of that sentence's paragraph) and every setting with its default (from the policy's dataclass)."""
+    import textwrap
+
+    from ..policies import POLICIES
+
+    paragraphs = []
+    for name, cls in sorted(POLICIES.items()):
+        summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        wrap = dict(width=116, initial_indent="  ", break_on_hyphens=False, break_long_words=False)
+        text = textwrap.fill(summary, subsequent_indent="  ", **wrap)
+        settings = textwrap.fill(f"settings: {cls.describe_settings()}", subsequent_indent="    ", **wrap)
+        paragraphs.append(f"{name} ({cls.__name__})\n{text}\n{settings}")
+    return ("Cache policies (policies.names=[...]; settings: policies.overrides.<policy>.<setting>=...):\n\n"
+            + "\n\n".join(paragraphs))
+
+
 def run(cfg: DictConfig) -> dict:
     from .api import evaluate, parse_suites, policies_from_config
 
@@ -99,6 +119,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if "--help-policies" in sys.argv[1:]:
+        print(policies_help())
+        sys.exit(0)
     try:
         check_moved_keys(sys.argv[1:])
     except SwiftKVInputError as err:

@@ -14,7 +14,10 @@ in `POLICIES` by declaring ``name``::
         name = "middle"
         margin: int = 4  # a setting: build_policy("middle", budget="50%", margin=8)
 
-        def select(self, view, step): ...
+        def ranking(self, view, step): ...  # [B, H_kv, L], higher = kept (or override `select` itself)
+
+A ranking policy (one that defines `ranking` and `protected`) also runs under the budget wrappers of budgets.py
+(PyramidKV per-layer, AdaKV per-head budgets) with no code of its own.
 
 Where scores come from, by policy:
 
@@ -22,6 +25,9 @@ Where scores come from, by policy:
 - attention (H2O, Keyformer, SnapKV): the attention hook (attention.py) recomputes the scaled, masked logits of the
   step's query rows against the slot's keys, block by block, and hands each block to `attention_contribution`;
   the per-key result is added to the running score (`accumulate`);
+- the step's queries (ExpectedAttention): with ``scores_queries`` the hook hands the raw queries, their positions
+  and the model's RoPE to `query_scores` (`StepQueries`), for scores that model attention still to come;
+- the keys alone (Knorm): `ranking` reads ``view.keys``;
 - pushed by the model (a learned scorer inside it, e.g. trained retaining heads): while `scores_from(model)` is
   active, the model calls `record_token_scores(module, scores)` (active.py) with one score per new token and KV
   head, and the policy ranks by it. See `LearnedScorePolicy`; a method that trains such a scorer ships its policy
@@ -43,7 +49,7 @@ import torch
 
 from ..errors import SwiftKVInputError
 
-__all__ = ["Budget", "StepInfo", "SlotView", "CachePolicy", "BudgetedPolicy", "POLICIES", "build_policy",
+__all__ = ["Budget", "StepInfo", "StepQueries", "SlotView", "CachePolicy", "BudgetedPolicy", "POLICIES", "build_policy",
            "recent_plus_top_k"]
 
 
@@ -114,6 +120,7 @@ class StepInfo:
     seen: int = 0  # tokens processed so far, including this step's
     new_tokens: int = 0  # tokens in this step (a prefill chunk or 1)
     decode_step: int = 0  # 0 during prefill; t while feeding the t-th generated token
+    num_slots: int = 0  # cache slots of the model (known from the end of the first step: every layer has run)
 
     @property
     def is_prefill(self) -> bool:
@@ -137,6 +144,23 @@ class SlotView:
     @property
     def length(self) -> int:
         return self.keys.shape[-2]
+
+
+@dataclass
+class StepQueries:
+    """One step's queries as the attention hook sees them, for a policy that scores from the queries themselves
+    (``scores_queries``) rather than from attention logits. Shapes: query [B, H_q, q, D] (RoPE applied),
+    keys/values [B, H_kv, K, D] (the slot's entries, this step's included), key_positions [B, H_kv, K] (-1 =
+    padding, see `CachePolicy.ragged`)."""
+
+    query: torch.Tensor
+    positions: torch.Tensor  # [q] original positions of the query rows
+    keys: torch.Tensor
+    values: torch.Tensor
+    key_positions: torch.Tensor
+    scaling: float
+    #: positions [n] -> (cos, sin), each [n, D] fp32: the model's own RoPE (attention scaling included)
+    rope: typing.Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 # name -> policy class, filled as each policy class is defined (a subclass that declares ``name`` registers itself).
@@ -174,6 +198,15 @@ class CachePolicy:
     observation_window = None
     #: False = evict only once, right after the prompt (SnapKV); True = after every step (H2O, Keyformer, ...).
     evict_during_decode = True
+    #: True if the attention hook should hand `query_scores` the step's queries (`StepQueries`) instead of calling
+    #: `attention_contribution` with logits (a policy that models FUTURE attention from query statistics).
+    scores_queries: ClassVar[bool] = False
+    #: True if the score describes the current step only (TOVA: the last query's attention): the cache zeroes
+    #: every entry's score when a step's keys arrive, so contributions of the layers sharing a slot still add up.
+    fresh_scores: ClassVar[bool] = False
+    #: True if `select` may return -1 entries (padding): the slot then keeps a different number of entries per KV
+    #: head (cache.py stores them at one length, padding masked out of attention and not counted as held).
+    ragged: ClassVar[bool] = False
 
     #: Entries kept per slot for the current sequence (the budget resolved against its prompt); None = all.
     capacity: int | None = field(default=None, init=False, repr=False, compare=False)
@@ -255,6 +288,11 @@ class CachePolicy:
         """
         return torch.softmax(logits, dim=-1).sum(dim=(2, 3))
 
+    def query_scores(self, slot: int, queries: StepQueries, step: StepInfo) -> torch.Tensor | None:
+        """Per-key score [B, H_kv, K] from the step's queries (only if ``scores_queries``), folded in with
+        `accumulate`; None = no update."""
+        return None
+
     def accumulate(self, old: torch.Tensor, contribution: torch.Tensor) -> torch.Tensor:
         """Running score update; ``old`` already has zeros for this step's new entries."""
         return old + contribution
@@ -298,6 +336,24 @@ class BudgetedPolicy(CachePolicy):
         """`select` for a policy that ranks entries: the protected ends plus the best-ranked rest, up to capacity."""
         oldest, newest = self.protected()
         return recent_plus_top_k(ranking, self.capacity, recent=newest, sinks=oldest)
+
+    def ranking(self, view: SlotView, step: StepInfo) -> torch.Tensor:
+        """How much each entry deserves to stay, [B, H_kv, L] (higher = kept first). A ranking policy defines it;
+        `select` keeps the protected ends plus the best-ranked rest, and the budget wrappers (budgets.py) reuse
+        it to spread the budget over layers or heads."""
+        raise NotImplementedError(f"cache policy {self.name!r} does not rank entries")
+
+    def select(self, view: SlotView, step: StepInfo) -> torch.Tensor | None:
+        return self.keep_top(self.ranking(view, step))
+
+    def slot_capacity(self, slot: int) -> int:
+        """Entries kept per KV head in cache slot ``slot`` (on average over its heads): ``capacity`` unless a
+        wrapper spreads the budget unevenly (budgets.py)."""
+        return self.capacity
+
+    def slot_protected(self, slot: int) -> tuple[int, int]:
+        """`protected` as it applies in slot ``slot``."""
+        return self.protected()
 
     def check_share(self, setting: str) -> None:
         """``setting`` must be a share in [0, 1]."""

@@ -48,10 +48,8 @@ class StreamingLLM(BudgetedPolicy):
         sinks = min(self.sink_tokens, self.capacity)
         return sinks, self.capacity - sinks  # everything kept is protected: no ranking
 
-    def select(self, view: SlotView, step: StepInfo):
-        if view.length <= self.capacity:
-            return None
-        return self.keep_top(torch.zeros(view.positions.shape, dtype=torch.float32, device=view.keys.device))
+    def ranking(self, view: SlotView, step: StepInfo):
+        return torch.zeros(view.positions.shape, dtype=torch.float32, device=view.keys.device)
 
 
 def _check_window(policy: BudgetedPolicy) -> None:
@@ -85,8 +83,8 @@ class H2O(BudgetedPolicy):
     def protected(self):
         return 0, self.recent_tokens()
 
-    def select(self, view: SlotView, step: StepInfo):
-        return self.keep_top(view.scores)
+    def ranking(self, view: SlotView, step: StepInfo):
+        return view.scores
 
 
 def keyformer_noise_seed(seed: int, slot: int, step: int, row_start: int) -> int:
@@ -166,15 +164,17 @@ class SnapKV(BudgetedPolicy):
     def protected(self):
         return 0, min(self.observation_window, self.capacity)  # the observation window itself
 
-    def select(self, view, step):
-        if self.capacity >= view.length:
-            return None
+    def ranking(self, view, step):
         scores = view.scores
         batch, heads, length = scores.shape
-        pooled = torch.nn.functional.max_pool1d(
+        return torch.nn.functional.max_pool1d(
             scores.reshape(batch * heads, 1, length), self.pool_kernel, stride=1, padding=self.pool_kernel // 2
         ).reshape(batch, heads, length)
-        return self.keep_top(pooled)
+
+    def select(self, view, step):
+        if self.capacity >= view.length:
+            return None  # (the pooling is not needed)
+        return super().select(view, step)
 
 
 @dataclass(kw_only=True)
@@ -203,5 +203,5 @@ class LearnedScorePolicy(BudgetedPolicy):
     def protected(self):
         return 0, self.stabilizers
 
-    def select(self, view, step):
-        return self.keep_top(view.scores)
+    def ranking(self, view, step):
+        return view.scores

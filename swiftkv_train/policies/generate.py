@@ -24,7 +24,7 @@ from ..remote_code.transformers_compat import cache_kwarg
 from . import attention
 from .active import activated
 from .base import CachePolicy
-from .cache import PolicyCache
+from .cache import PolicyCache, tokens_held
 
 __all__ = ["GenerationResult", "greedy_generate", "new_cache", "policy_attention", "prefill", "decode_step"]
 
@@ -159,7 +159,7 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, policy:
         _synchronize(input_ids.device)
         start = time.perf_counter()
         logits = prefill(model, input_ids, cache, prefill_chunk)
-        result.tokens_held_after_context = cache.get_seq_length(0)
+        result.tokens_held_after_context = tokens_held(cache)
         if question_ids is not None:
             if isinstance(cache, PolicyCache):
                 cache.freeze()
@@ -168,7 +168,7 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, policy:
         result.prefill_seconds = time.perf_counter() - start
         result.cache_bytes_after_prefill = cache_nbytes(cache)
         result.cache_bytes_peak = max(getattr(cache, "peak_nbytes", 0), result.cache_bytes_after_prefill)
-        result.tokens_held_after_prefill = cache.get_seq_length(0)
+        result.tokens_held_after_prefill = tokens_held(cache)
         for step in range(1, max_new_tokens + 1):
             token = logits.argmax(-1, keepdim=True)
             if keep_logits:
