@@ -376,8 +376,8 @@ def test_policy_settings_from_the_eval_config():
     h2o, keyformer, streaming = built.values()
     assert (h2o.recent_share, h2o.observation_window) == (0.5, 8) and keyformer.recent_share == 0.4
     assert keyformer.budget == Budget(fraction=0.6) and streaming.budget == Budget(tokens=32)
-    with pytest.raises(SwiftKVInputError, match="unknown policy 'tova'; use any of " + ", ".join(EVALUABLE)):
-        policies_from_config(make_config(policies={"names": ["tova"]}).policies)
+    with pytest.raises(SwiftKVInputError, match="unknown policy 'tova_typo'; use any of " + ", ".join(EVALUABLE)):
+        policies_from_config(make_config(policies={"names": ["tova_typo"]}).policies)
     with pytest.raises(SwiftKVInputError, match="policy 'full' keeps every entry"):
         policies_from_config(make_config(policies={"names": ["full"]}).policies)
     with pytest.raises(SwiftKVInputError, match=r"policies.recent_share=0.2 was replaced by per-policy settings: "

@@ -136,8 +136,8 @@ def pyramid_budgets(capacity: int, prompt_len: int, slots: int, window: int, bet
 
 @dataclass(kw_only=True)
 class PyramidKV(BudgetAllocation):
-    """PyramidKV: more entries in lower layers, fewer in upper ones (a linear pyramid), same total as ``budget``
-    in every layer. ``beta``: steepness (top layer keeps (budget - window) / beta beyond the window; paper 20).
+    """PyramidKV: more entries in lower layers, fewer in upper ones (a linear pyramid); the layers' mean is
+    ``budget``. ``beta``: steepness (top layer keeps (budget - window) / beta beyond the window; paper 20).
 
     Layer budgets come from `pyramid_budgets` over the model's cache slots, with the inner policy's protected
     entries as the window; the inner policy then selects in each slot with that slot's budget (its protected
