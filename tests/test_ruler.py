@@ -346,6 +346,41 @@ def test_samples_are_cached_on_disk_and_keyed_by_settings(res, tmp_path, monkeyp
 
 # --- the suite -------------------------------------------------------------------------------------------------
 
+def test_suite_end_to_end_full_cache_matches_transformers_and_snapkv_compresses_the_context(tiny, essays, tmp_path):
+    model, tok = tiny
+    ruler = {"tasks": ["niah_single_1", "fwe"], "lengths": [700, 800], "samples": 2, "max_new_tokens": 4,
+             "haystack": str(essays), "cache_dir": str(tmp_path / "cache")}
+    res = evaluate(model, tok, "ruler", progress=False, ruler=ruler, out_dir=tmp_path / "out",
+                   policies={"names": ["snapkv"], "budget": "4x"})
+    runs = res["ruler"]
+    assert [(r["policy"], r["task"]) for r in runs] == [
+        ("full", "niah_single_1"), ("full", "fwe"), ("snapkv@4x", "niah_single_1"), ("snapkv@4x", "fwe")]
+    for r in runs:
+        assert [(t["length"], t["index"]) for t in r["trials"]] == [(700, 0), (700, 1), (800, 0), (800, 1)]
+        for t in r["trials"]:
+            assert t["score"] == score(TASKS[r["task"]].spec.metric, t["output"], t["answers"])
+            assert t["context_tokens"] + t["question_tokens"] == t["prompt_tokens"]
+            assert t["prompt_tokens"] == t["length"] - TASKS[r["task"]].spec.max_new_tokens
+        assert r["score"] == pytest.approx(100 * sum(t["score"] for t in r["trials"]) / 4)
+        assert r["by_length"]["700"] == pytest.approx(50 * sum(t["score"] for t in r["trials"][:2]))
+    full, snap = runs[0], runs[2]
+    assert full["compression_ratio"] == 0 and all(t["kv_tokens_held"] == t["context_tokens"] for t in full["trials"])
+    # kvpress's ratio: a quarter of the CONTEXT kept (the question is appended after compression)
+    for t in snap["trials"]:
+        assert t["kv_tokens_held"] == t["context_tokens"] // 4
+        assert t["compression_ratio"] == pytest.approx(1 - (t["context_tokens"] // 4) / t["context_tokens"])
+    assert snap["nominal_compression_ratio"] == 0.75 and snap["settings"]["policy"]["name"] == "snapkv"
+    # the full cache's answer is transformers' own greedy generation on context + question
+    sample = ruler_data.generate(Resources(tok, [p.read_text() for p in sorted(essays.glob("*.txt"))]),
+                                 "niah_single_1", 700, 1, 42)[0]
+    prompt = torch.tensor([sample.context_ids + sample.question_ids])
+    reference = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False,
+                               pad_token_id=tok.pad_token_id or 0)[0, prompt.shape[1]:]
+    assert full["trials"][0]["output"] == tok.decode(reference, skip_special_tokens=True).strip()
+    assert (tmp_path / "out" / "ruler_heatmap.png").stat().st_size > 0
+    assert (tmp_path / "out" / "ruler_score_vs_ratio.png").stat().st_size > 0
+
+
 def test_plot_script_reads_results_of_several_runs(tmp_path):
     from importlib import util
 
@@ -368,6 +403,19 @@ def test_plot_script_reads_results_of_several_runs(tmp_path):
     assert sorted((r["policy"], r["score"]) for r in found) == [("full", 90), ("h2o@4x", 30), ("h2o@50%", 60)]
     assert plot_ruler.main([str(tmp_path), "--out", str(tmp_path / "plots")]) == 0
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["ruler_heatmap.png", "ruler_score_vs_ratio.png"]
+
+
+def test_bad_ruler_settings_fail_before_any_model_runs(tiny, essays, tmp_path):
+    model, tok = tiny
+    base = {"haystack": str(essays), "cache_dir": None, "samples": 1, "lengths": [800]}
+    with pytest.raises(SwiftKVInputError, match="ruler.tasks: unknown \\['niah_single_9'\\]"):
+        evaluate(model, tok, "ruler", progress=False, ruler={**base, "tasks": ["niah_single_9"]})
+    with pytest.raises(SwiftKVInputError, match="ruler.lengths: 200 is too short for vt"):
+        evaluate(model, tok, "ruler", progress=False, ruler={**base, "tasks": ["vt"], "lengths": [200]})
+    with pytest.raises(SwiftKVInputError, match="ruler.squad='/no/such.jsonl' does not exist"):
+        evaluate(model, tok, "ruler", progress=False, ruler={**base, "tasks": ["qa_1"], "squad": "/no/such.jsonl"})
+    with pytest.raises(SwiftKVInputError, match="ruler.lengths: \\[3000\\] exceed"):
+        evaluate(model, tok, "ruler", progress=False, ruler={**base, "tasks": ["fwe"], "lengths": [3000]})
 
 
 # --- the real tokenizer ----------------------------------------------------------------------------------------

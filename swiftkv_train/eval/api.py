@@ -18,6 +18,7 @@ from .fidelity import run_fidelity
 from .lm_eval_suite import run_lm_eval
 from .needle import NEEDLE, PASSKEY, run_retrieval
 from .plots import write_plots
+from .ruler import run_task as run_ruler_task
 from .report import write_results
 from .subjects import Subject, has_mode_switch, teacher_of
 
@@ -106,6 +107,7 @@ def _preflight(cfg, names, runs, teacher_subject) -> None:
     from .efficiency import check_config as check_efficiency
     from .fidelity import check_config as check_fidelity
     from .needle import check_config as check_retrieval
+    from .ruler import check_config as check_ruler
 
     subjects = list({id(s): s for s, _, _ in runs}.values())
     for subject, _, policy in runs:
@@ -120,6 +122,8 @@ def _preflight(cfg, names, runs, teacher_subject) -> None:
             check_retrieval(subject, PASSKEY, cfg.passkey)
         if "efficiency" in names:
             check_efficiency(subject, cfg.efficiency)
+        if "ruler" in names:  # generates (or reads from its cache) every sample: a bad length fails here
+            check_ruler(subject, cfg.ruler)
 
 
 def evaluate(model, tokenizer, suites="fidelity", teacher=None, teacher_tokenizer=None, config=None,
@@ -172,6 +176,12 @@ def evaluate(model, tokenizer, suites="fidelity", teacher=None, teacher_tokenize
             for s, label, p in runs:
                 with _scores(s, p):
                     results[suite].append(run_retrieval(s, variant, section, p, label, progress))
+        elif suite == "ruler":  # one result per (subject, policy, task)
+            results[suite] = []
+            for s, label, p in runs:
+                with _scores(s, p):
+                    for task in cfg.ruler.tasks:
+                        results[suite].append(run_ruler_task(s, cfg.ruler, task, p, label, progress))
         elif suite == "efficiency":
             results[suite] = []
             for s, label, p in runs:

@@ -15,7 +15,7 @@ from omegaconf import MISSING
 from ..methods import transform_schema
 from ..policies import POLICIES, BudgetedPolicy
 
-SUITES = ("fidelity", "needle", "passkey", "lm_eval", "efficiency")
+SUITES = ("fidelity", "needle", "passkey", "lm_eval", "efficiency", "ruler")
 PG_ESSAYS = "/work/shared/data/pg_essays"
 
 # ``transform`` of the eval CLI: like a recipe's, but optional (name null = evaluate the model as loaded).
@@ -136,6 +136,27 @@ class LmEvalConfig:
 
 
 @dataclass
+class RulerConfig:
+    # RULER's 13 tasks (eval/ruler/tasks.py); qa_1 / qa_2 read SQuAD / HotpotQA (the squad / hotpotqa sources).
+    tasks: list[str] = field(default_factory=lambda: [
+        "niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2", "niah_multikey_3",
+        "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2"])
+    # RULER's sequence lengths: prompt + the task's answer budget; every prompt has exactly length - budget tokens.
+    lengths: list[int] = field(default_factory=lambda: [4096])
+    samples: int = 20  # per (task, length)
+    seed: int = 42
+    haystack: str = PG_ESSAYS  # essays for the essay haystack and the word lists (keys, cwe)
+    squad: str = "hub"  # "hub" (datasets: rajpurkar/squad_v2) or a .jsonl of its rows / the official .json
+    hotpotqa: str = "hub"  # "hub" (datasets: hotpotqa/hotpot_qa distractor) or a .jsonl / the official .json
+    max_new_tokens: int | None = None  # null = RULER's per task (niah 128, vt 30, cwe 120, fwe 50, qa 32)
+    prefill_chunk: int | None = None  # as needle.prefill_chunk
+    # false: question-independent (the policy compresses the context, then the question is appended), as needle.
+    query_aware: bool = False
+    # Generated samples are cached here, keyed by the settings, tokenizer and generator version (null = no cache).
+    cache_dir: str | None = "~/.cache/swiftkv_train/ruler"
+
+
+@dataclass
 class EfficiencyConfig:
     prompt_lengths: list[int] = field(default_factory=lambda: [256, 1024])
     output_length: int = 32
@@ -166,6 +187,7 @@ class EvalConfig:
     passkey: NeedleConfig = field(default_factory=lambda: NeedleConfig(context_lengths=[500, 1000, 2000]))
     lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
     efficiency: EfficiencyConfig = field(default_factory=EfficiencyConfig)
+    ruler: RulerConfig = field(default_factory=RulerConfig)
 
 
 def register_schemas() -> None:

@@ -60,6 +60,10 @@ def markdown(results: dict) -> str:
                     if "stderr" not in name and isinstance(value, (int, float)):
                         rows.append([run["model"], task, name, value, run["n_samples"].get(task)])
         lines += _table(["model", "task", "metric", "value", "docs"], rows)
+    if results.get("ruler"):
+        from .ruler.report import markdown_lines
+
+        lines += markdown_lines(results["ruler"])
     if results.get("efficiency"):
         lines += ["## Efficiency (medians)", ""]
         rows = []
