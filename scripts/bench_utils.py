@@ -95,6 +95,54 @@ def median_ms(fn, device, warmup=3, repeats=10) -> float:
     return statistics.median(times)
 
 
+def samples_s(fn, device, warmup: int, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn()`` after ``warmup`` calls (CUDA events on GPU, each call
+    started on an idle device so host time before the first launch is included; perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def spread_stats(seconds: list[float]) -> dict:
+    """min / median / max of a list of timings and their spread, (max - min) / median."""
+    median = statistics.median(seconds)
+    return {"min": min(seconds), "median": median, "max": max(seconds), "n": len(seconds),
+            "spread": (max(seconds) - min(seconds)) / median}
+
+
+# A ratio of two medians is only reported plainly when the two sides' spreads together stay under this.
+RATIO_SPREAD_LIMIT = 0.10
+
+
+def ratio(base: dict, new: dict) -> dict:
+    """Speed-up of ``new`` over ``base`` (two ``spread_stats``): the ratio of medians, its range from the extremes,
+    and a warning when the summed spreads exceed RATIO_SPREAD_LIMIT."""
+    value = base["median"] / new["median"]
+    spread = base["spread"] + new["spread"]
+    return {"speedup": value, "low": base["min"] / new["max"], "high": base["max"] / new["min"], "spread": spread,
+            "unstable": spread > RATIO_SPREAD_LIMIT}
+
+
+def fmt_ratio(r: dict) -> str:
+    """``x2.03`` or ``x2.03 (!spread 14%)`` for an unstable ratio."""
+    text = f"x{r['speedup']:.2f}"
+    return text + f" (!spread {r['spread']:.0%})" if r["unstable"] else text
+
+
 def peak_extra_mib(fn, device, call_off_cuda=True) -> float | None:
     """Peak memory allocated during one ``fn()`` call beyond what was allocated before it (MiB; outputs included);
     None off CUDA, where ``fn()`` still runs once unless ``call_off_cuda`` is false."""
