@@ -176,10 +176,10 @@ def test_cskv_and_locret_check_the_config_too():
     with pytest.raises(SwiftKVInputError, match="key_density_per_layer has 3 entries but the model has 4 layers"):
         CSKV({"key_density_per_layer": [0.5] * 3}).check_model_config(llama(4))
     CSKV({"key_density_per_layer": [0.5] * 4}).check_model_config(llama(4))
-    qwen = llama(4)
-    qwen.model_type = "qwen2"
-    with pytest.raises(SwiftKVInputError, match="Locret is built from a Llama-family model .*got model_type 'qwen2'"):
-        Locret({}).check_model_config(qwen)
+    gemma = llama(4)
+    gemma.model_type = "gemma"
+    with pytest.raises(SwiftKVInputError, match="Locret is built from a Llama-family model .*got model_type 'gemma'"):
+        Locret({}).check_model_config(gemma)
     Locret({}).check_model_config(llama(4))
 
 

@@ -1,10 +1,11 @@
 """Generic tests of every registered method (swiftkv_train.methods.METHODS), so a new method is tested on arrival.
 
-For each method, on a tiny random Llama built here and the method's default settings (plus SMALL where a default
-is too big for a 64-wide model): the student shares the source's frozen tensors and trains only new ones; run as
-the original model (its mode switch, or a plain forward for a method that leaves the outputs alone) it gives
-transformers' own Llama logits; a full export round-trips to the same logits; a few optimizer steps of its loss
-on one batch lower that loss; its config section and its remote-code manifest are complete.
+For each method and each source family (Llama, Qwen2 with q/k/v biases, Qwen3 with per-head q/k norms), on a tiny
+random model of that family built here and the method's default settings (plus SMALL where a default is too big for
+a 64-wide model): the student shares the source's frozen tensors and trains only new ones; run as the original model
+(its mode switch, or a plain forward for a method that leaves the outputs alone) it gives transformers' own Llama /
+Qwen2 / Qwen3 logits; a full export round-trips to the same logits; a few optimizer steps of its loss on one batch
+lower that loss; its config section and its remote-code manifest are complete.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from swiftkv_train.models.tiny import byte_tokenizer, random_model
 # Settings that make a method's defaults fit the tiny model (a method absent here runs with its defaults).
 SMALL = {"locret": {"head_hidden_size": 16, "budget": 64, "chunk_size": 16, "stabilizers": 4, "n_local": 4}}
 NAMES = sorted(METHODS)
+# source family -> its tiny random preset, 7 layers (ragged AcrossKV groups)
+FAMILIES = {"llama": "tiny-7l", "qwen2": "tiny-qwen2", "qwen3": "tiny-qwen3"}
+BY_FAMILY = [(name, family) for name in NAMES for family in FAMILIES]
 
 
-def build(name: str):
-    source = random_model("tiny-7l", seed=5)
+def build(name: str, family: str = "llama"):
+    source = random_model(FAMILIES[family], seed=5, num_hidden_layers=7)
     transform = type("T", (), {"name": name, name: SMALL.get(name, {})})
     method = build_method(transform)
     return method, source, method.build_student(source)
@@ -55,10 +59,11 @@ def original_logits(student, ids):
         switch(before)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_student_shares_frozen_tensors_and_trains_only_new_ones(name):
-    method, source, student = build(name)
-    assert method_of(student) is METHODS[name] and student.config.model_type == METHODS[name].model_type
+@pytest.mark.parametrize("name,family", BY_FAMILY)
+def test_student_shares_frozen_tensors_and_trains_only_new_ones(name, family):
+    method, source, student = build(name, family)
+    assert method_of(student) is METHODS[name] and student.config.model_type == f"{family}_{name}"
+    assert type(source).__name__.lower().startswith(family)
     source_ptrs = {p.data_ptr() for p in source.parameters()}
     trainable = method.trainable_parameters(student)
     assert trainable, "a method must train something"
@@ -67,9 +72,9 @@ def test_student_shares_frozen_tensors_and_trains_only_new_ones(name):
     assert frozen and all(p.data_ptr() in source_ptrs for p in frozen)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_student_as_original_equals_the_source_model(name):
-    _, source, student = build(name)
+@pytest.mark.parametrize("name,family", BY_FAMILY)
+def test_student_as_original_equals_the_source_model(name, family):
+    _, source, student = build(name, family)
     ids = batch()["input_ids"]
     with torch.no_grad():
         want = source(ids, use_cache=False).logits
@@ -77,9 +82,9 @@ def test_student_as_original_equals_the_source_model(name):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_full_export_round_trips(name, tmp_path):
-    method, _, student = build(name)
+@pytest.mark.parametrize("name,family", BY_FAMILY)
+def test_full_export_round_trips(name, family, tmp_path):
+    method, _, student = build(name, family)
     model = method.prepare_export(student).eval()
     out = save_hf(model, byte_tokenizer(), tmp_path / "export", lean=False)
     assert {p.name for p in out.glob("*.py")} == set(METHODS[name].remote_code.sources())
@@ -90,10 +95,10 @@ def test_full_export_round_trips(name, tmp_path):
                                    rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_loss_decreases_on_a_fixed_batch(name):
+@pytest.mark.parametrize("name,family", BY_FAMILY)
+def test_loss_decreases_on_a_fixed_batch(name, family):
     torch.manual_seed(0)
-    method, _, student = build(name)
+    method, _, student = build(name, family)
     student.train()
     params = [p for _, p in method.trainable_parameters(student)]
     optimizer = torch.optim.AdamW(params, lr=1e-2)

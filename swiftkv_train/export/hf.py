@@ -149,7 +149,7 @@ def _copy_model_code(model: torch.nn.Module, out_dir: Path) -> dict[str, str]:
         )
     for name, source in method.remote_code.sources().items():
         shutil.copyfile(source, out_dir / name)  # a new file: mode from the umask, not the source
-    return method.remote_code.auto_map()
+    return method.remote_code.auto_map(model.config.model_type)
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:

@@ -40,6 +40,8 @@ class Method(ABC):
     remote_code: ClassVar[object] = None
     model_classes: ClassVar[tuple] = ()
     model_type: ClassVar[str] = ""
+    # model_type and those of the same model made from the other source families (remote_code.variants)
+    model_types: ClassVar[tuple[str, ...]] = ()
     # For a student that keeps the original model's function: the name of both its switch method and its config
     # flag (``model.<flag>(bool)``, ``model.config.<flag>``); None when it has no such mode.
     mode_flag: ClassVar[str | None] = None
@@ -52,6 +54,7 @@ class Method(ABC):
             raise TypeError(f"method {cls.name!r} must declare its settings as a dataclass: Config = ...")
         cls.model_classes = cls.remote_code.classes if cls.remote_code is not None else ()
         cls.model_type = cls.model_classes[0].model_type if cls.model_classes else ""
+        cls.model_types = tuple(c[0].model_type for c in cls.remote_code.all_classes) if cls.remote_code else ()
         if cls.name in METHODS and METHODS[cls.name].__qualname__ != cls.__qualname__:
             raise TypeError(f"two methods are named {cls.name!r}: {METHODS[cls.name]} and {cls}")
         METHODS[cls.name] = cls
@@ -155,7 +158,7 @@ def method_of(model: nn.Module) -> type[Method] | None:
 
 def method_of_config(config) -> type[Method] | None:
     model_type = getattr(config, "model_type", None)
-    return next((m for m in METHODS.values() if m.model_type and m.model_type == model_type), None)
+    return next((m for m in METHODS.values() if model_type in m.model_types), None)
 
 
 # ---- settings ------------------------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ from torch import nn
 from ..errors import SwiftKVInputError
 
 # Fields of the source config that must not be carried over to the new model type.
-DROP_FIELDS = ("model_type", "architectures", "auto_map", "transformers_version", "sliding_window", "dtype")
+# (Qwen's sliding-window fields too: the models here are full attention, sliding-window sources are refused.)
+DROP_FIELDS = ("model_type", "architectures", "auto_map", "transformers_version", "sliding_window", "dtype",
+               "use_sliding_window", "max_window_layers", "layer_types")
 
 
 def derived_config(source_config, config_class: type, keep_all: bool = False, **fields):
@@ -53,7 +55,8 @@ def build_sharing_weights(
     result = new.load_state_dict(state, strict=False, assign=True)
     unexpected = [k for k in result.unexpected_keys if not tolerate(k)]
     if unexpected:
-        raise SwiftKVInputError(f"the source model has weights the Llama layout does not: {unexpected[:5]}")
+        raise SwiftKVInputError(f"the source model has weights the {type(new).__name__} layout does not: "
+                                f"{unexpected[:5]}")
     # Non-persistent buffers (RoPE frequencies) are not in the state dict: rebuild them for real.
     new.model.rotary_emb = type(new.model.rotary_emb)(config=config).to(reference.device)
     if config.tie_word_embeddings:

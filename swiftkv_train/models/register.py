@@ -11,15 +11,15 @@ def register_models() -> None:
     from ..methods import METHODS  # late: the methods import the loader
 
     for method in METHODS.values():
-        if not method.model_classes:  # a method whose student is a stock transformers model
+        if method.remote_code is None:  # a method whose student is a stock transformers model
             continue
-        config_class, model_class, causal_class = method.model_classes
-        if config_class.model_type in _registered:
-            continue
-        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-        AutoModel.register(config_class, model_class, exist_ok=True)
-        AutoModelForCausalLM.register(config_class, causal_class, exist_ok=True)
-        _registered.add(config_class.model_type)
+        for config_class, model_class, causal_class in method.remote_code.all_classes:  # every source family's
+            if config_class.model_type in _registered:
+                continue
+            AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+            AutoModel.register(config_class, model_class, exist_ok=True)
+            AutoModelForCausalLM.register(config_class, causal_class, exist_ok=True)
+            _registered.add(config_class.model_type)
 
 
 _registered: set[str] = set()

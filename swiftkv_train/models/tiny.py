@@ -1,8 +1,10 @@
-"""Tiny random Llama models and a byte-level ChatML tokenizer for tests and examples (no downloads)."""
+"""Tiny random Llama (and Qwen2 / Qwen3) models and a byte-level ChatML tokenizer for tests and examples (no
+downloads)."""
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 
 from ..errors import SwiftKVInputError
 
@@ -15,7 +17,11 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-# name -> LlamaConfig fields. All share the tokenizer's 259-token vocabulary (padded to 320).
+# A preset's "model_type" (default llama) picks the family: its transformers config and model classes.
+FAMILY_CLASSES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                  "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+
+# name -> config fields. All share the tokenizer's 259-token vocabulary (padded to 320).
 PRESETS: dict[str, dict] = {
     # 4 layers, GQA 4:2: the default for unit tests.
     "tiny": dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
@@ -29,6 +35,11 @@ PRESETS: dict[str, dict] = {
     # SmolLM2's proportions (9 heads, 3 KV heads, tied embeddings), shrunk.
     "smollm2-tiny": dict(num_hidden_layers=6, hidden_size=72, intermediate_size=192, num_attention_heads=9,
                          num_key_value_heads=3, tie_word_embeddings=True),
+    # "tiny" as Qwen2 (q/k/v biases) and Qwen3 (per-head q/k norms, head_dim set apart from hidden/heads).
+    "tiny-qwen2": dict(model_type="qwen2", num_hidden_layers=4, hidden_size=64, intermediate_size=128,
+                       num_attention_heads=4, num_key_value_heads=2),
+    "tiny-qwen3": dict(model_type="qwen3", num_hidden_layers=4, hidden_size=64, intermediate_size=128,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16),
 }
 # Real model shapes with random weights, for speed and memory benchmarks (build them on the GPU: device="cuda").
 SHAPE_PRESETS: dict[str, dict] = {
@@ -42,6 +53,11 @@ SHAPE_PRESETS: dict[str, dict] = {
     "llama3.1-70b-shape": dict(num_hidden_layers=80, hidden_size=8192, intermediate_size=28672,
                                num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
                                max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False),
+    # Qwen2.5-7B-Instruct (config.json of the release: q/k/v biases, no sliding window).
+    "qwen2.5-7b-shape": dict(model_type="qwen2", num_hidden_layers=28, hidden_size=3584, intermediate_size=18944,
+                             num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                             max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                             tie_word_embeddings=False),
 }
 
 
@@ -83,7 +99,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def random_config(preset: str, **overrides) -> LlamaConfig:
+def random_config(preset: str, **overrides):
     presets = {**PRESETS, **SHAPE_PRESETS}
     if preset not in presets:
         raise SwiftKVInputError(
@@ -104,11 +120,13 @@ def random_config(preset: str, **overrides) -> LlamaConfig:
     if rope_theta is not None:
         fields["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta}
     fields.update(overrides)
-    return LlamaConfig(**fields)
+    config_class, _ = FAMILY_CLASSES[fields.pop("model_type", "llama")]
+    return config_class(**fields)
 
 
-def random_model(preset: str, seed: int = 0, dtype=torch.float32, device=None, **overrides) -> LlamaForCausalLM:
-    """A randomly initialised LlamaForCausalLM with a slightly larger init so that layers matter.
+def random_model(preset: str, seed: int = 0, dtype=torch.float32, device=None, **overrides):
+    """A randomly initialised LlamaForCausalLM (Qwen2/Qwen3ForCausalLM for those presets) with a slightly larger init
+    so that layers matter.
 
     Real-shape presets are built directly on ``device`` in ``dtype`` (an 8B model in fp32 on the host would
     take 32 GB and minutes to initialise) with the standard 0.02 init.
@@ -116,6 +134,7 @@ def random_model(preset: str, seed: int = 0, dtype=torch.float32, device=None, *
     big = preset in SHAPE_PRESETS
     config = random_config(preset, initializer_range=0.02 if big else 0.08, **overrides)
     config._attn_implementation = "sdpa"
+    model_class = FAMILY_CLASSES[config.model_type][1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if big:
@@ -123,13 +142,15 @@ def random_model(preset: str, seed: int = 0, dtype=torch.float32, device=None, *
                 default_dtype = torch.get_default_dtype()
                 torch.set_default_dtype(dtype)
                 try:
-                    model = LlamaForCausalLM(config)
+                    model = model_class(config)
                 finally:
                     torch.set_default_dtype(default_dtype)
             return model.eval()
-        model = LlamaForCausalLM(config)
-        # Random norms, so that copying the right norm into norm_swiftkv is actually tested.
+        model = model_class(config)
+        # Random norms (and Qwen2's q/k/v biases, zero at init), so that copying the right ones is actually tested.
         for name, param in model.named_parameters():
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                 param.data.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                param.data.normal_(0.0, 0.1)
     return model.to(dtype=dtype, device=device).eval()

@@ -39,6 +39,16 @@ class RemoteCode:
     own: tuple[str, ...]
     common: tuple[str, ...] = ()
     kernels: tuple[str, ...] = ()
+    # The same model made from the other source families (Qwen2, Qwen3): their classes, defined in the same files.
+    variants: tuple[tuple[type, type, type], ...] = ()
+
+    @property
+    def all_classes(self) -> tuple[tuple[type, type, type], ...]:
+        return (self.classes, *self.variants)
+
+    def classes_for(self, family: str) -> tuple[type, type, type] | None:
+        """The (config, base model, causal LM) classes of the model made from a ``family`` source, or None."""
+        return next((c for c in self.all_classes if getattr(c[0], "source_family", "llama") == family), None)
 
     @property
     def package_dir(self) -> Path:
@@ -54,8 +64,10 @@ class RemoteCode:
             raise FileNotFoundError(f"remote code files missing: {', '.join(missing)}")
         return found
 
-    def auto_map(self) -> dict[str, str]:
-        config_class, _, causal_class = self.classes
+    def auto_map(self, model_type: str | None = None) -> dict[str, str]:
+        """The auto_map of an export of ``model_type`` (default: the Llama model's)."""
+        config_class, _, causal_class = next((c for c in self.all_classes if c[0].model_type == model_type),
+                                             self.classes)
         return {"AutoConfig": _entry(config_class), "AutoModelForCausalLM": _entry(causal_class)}
 
 

@@ -14,12 +14,14 @@ import inspect
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaMLP,
     LlamaPreTrainedModel,
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
+    eager_attention_forward,
     rotate_half,
 )
 
@@ -100,6 +102,75 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos) + (rotate_half(x) * sin)
 
 
+# ---- source families: what a Qwen attention layer has beyond Llama's -------------------------------------------------
+# Each of our config classes names the family its model was made from in a class attribute ``source_family`` (not a
+# config.json field: Llama exports are unchanged). Qwen2 / Qwen2.5: q/k/v carry a bias (o_proj none), whatever
+# ``attention_bias`` says. Qwen3: a per-head RMSNorm on q and k (``q_norm`` / ``k_norm``) before RoPE. The rest
+# (MLP, norms, RoPE, embeddings) is Llama's.
+QKV_BIAS_FAMILIES = ("qwen2",)
+QK_NORM_FAMILIES = ("qwen3",)
+
+
+def source_family(config) -> str:
+    return getattr(config, "source_family", "llama")
+
+
+def has_qk_norm(config) -> bool:
+    return source_family(config) in QK_NORM_FAMILIES
+
+
+def head_norm(config) -> nn.Module:
+    """The per-head RMSNorm of q or k (Qwen3's ``q_norm`` / ``k_norm``; same computation as LlamaRMSNorm)."""
+    return LlamaRMSNorm(config.head_dim or config.hidden_size // config.num_attention_heads, eps=config.rms_norm_eps)
+
+
+def add_family_modules(attn: LlamaAttention, config) -> None:
+    """After ``LlamaAttention.__init__``: the source family's q/k/v biases (Qwen2) or q/k norms (Qwen3)."""
+    if source_family(config) in QKV_BIAS_FAMILIES:
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+            if proj.bias is None:
+                proj.bias = nn.Parameter(proj.weight.new_zeros(proj.out_features))
+    if has_qk_norm(config):
+        attn.q_norm, attn.k_norm = head_norm(config), head_norm(config)
+
+
+def to_heads(x: torch.Tensor, head_dim: int, norm: nn.Module | None = None) -> torch.Tensor:
+    """[B, S, H*D] -> [B, H, S, D], through the per-head ``norm`` first where the family has one."""
+    x = x.view(*x.shape[:-1], -1, head_dim)
+    return (norm(x) if norm is not None else x).transpose(1, 2)
+
+
+def source_query_key_value(attn, hidden_states: torch.Tensor, position_embeddings):
+    """Query and key (per-head normed where the family norms them, then RoPE) and value of ``attn``'s own
+    projections, each [B, H, S, D]: what the source model's attention computes."""
+    query = to_heads(attn.q_proj(hidden_states), attn.head_dim, getattr(attn, "q_norm", None))
+    key = to_heads(attn.k_proj(hidden_states), attn.head_dim, getattr(attn, "k_norm", None))
+    value = to_heads(attn.v_proj(hidden_states), attn.head_dim)
+    cos, sin = position_embeddings
+    return apply_rope(query, cos, sin), apply_rope(key, cos, sin), value
+
+
+def attend(attn, query, key, value, attention_mask, out_shape, **kwargs):
+    """The configured attention function and ``o_proj``: (output [..., hidden], weights)."""
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+    output, weights = interface(attn, query, key, value, attention_mask,
+                                dropout=0.0 if not attn.training else attn.attention_dropout, scaling=attn.scaling,
+                                **kwargs)
+    return attn.o_proj(output.reshape(*out_shape, -1).contiguous()), weights
+
+
+def source_attention_forward(attn, hidden_states, position_embeddings, attention_mask, cache, **kwargs):
+    """The source model's attention on ``attn``: LlamaAttention.forward (Llama; Qwen2, whose biases sit in the
+    projections), or the same with Qwen3's q/k norms."""
+    if not has_qk_norm(attn.config):
+        return LlamaAttention.forward(attn, hidden_states, position_embeddings, attention_mask, **cache_kwarg(cache),
+                                      **kwargs)
+    query, key, value = source_query_key_value(attn, hidden_states, position_embeddings)
+    if cache is not None:
+        key, value = cache.update(key, value, attn.layer_idx)
+    return attend(attn, query, key, value, attention_mask, hidden_states.shape[:-1], **kwargs)
+
+
 def embed_inputs(model, input_ids, inputs_embeds) -> torch.Tensor:
     """The decoder's input embeddings: exactly one of ``input_ids`` / ``inputs_embeds`` (transformers' rule)."""
     if (input_ids is None) ^ (inputs_embeds is not None):
@@ -136,6 +207,7 @@ def causal_lm_output(lm, outputs, logits_to_keep, labels, **kwargs) -> CausalLMO
     )
 
 
-__all__ = ["CACHE_ARG", "accepts_legacy_cache_name", "apply_rope", "build_causal_lm", "build_decoder",
-           "build_decoder_layer", "cache_kwarg",
-           "causal_lm_output", "decoder_output", "embed_inputs", "output_cache"]
+__all__ = ["CACHE_ARG", "QK_NORM_FAMILIES", "QKV_BIAS_FAMILIES", "accepts_legacy_cache_name", "add_family_modules",
+           "apply_rope", "attend", "build_causal_lm", "build_decoder", "build_decoder_layer", "cache_kwarg",
+           "causal_lm_output", "decoder_output", "embed_inputs", "has_qk_norm", "head_norm", "output_cache",
+           "source_attention_forward", "source_family", "source_query_key_value", "to_heads"]

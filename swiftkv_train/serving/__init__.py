@@ -1,2 +1,2 @@
 """Serving the exports in inference engines (vLLM: ``vllm_plugin``). Names no method: each method declares what it
-serves (``Method.vllm_architecture``)."""
+serves (``Method.vllm_architectures``)."""

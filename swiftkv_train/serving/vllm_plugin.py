@@ -1,7 +1,7 @@
 """vLLM plugin (entry point ``vllm.general_plugins`` -> ``swiftkv_train.serving.vllm_plugin:register``).
 
 vLLM calls ``register()`` in every process it starts (front end, engine core, workers). For every registered method
-that declares ``vllm_architecture = (architecture name, "module:Class")``, it registers the model class with
+that declares ``vllm_architectures = ((architecture name, "module:Class"), ...)``, it registers each model class with
 ``vllm.ModelRegistry`` (lazily, by name: nothing heavy is imported until vLLM builds the model), the method's
 config class with transformers' ``AutoConfig`` (so ``config.json`` loads without ``trust_remote_code``), and, where
 the model class defines ``verify_and_update_model_config(model_config)``, a hook vLLM runs while it builds its
@@ -36,31 +36,30 @@ class ServingError(ValueError):
 
 
 def served_architectures() -> dict[str, str]:
-    """architecture name -> "module:Class" for every method that declares a vLLM model."""
+    """architecture name -> "module:Class" for every method that declares vLLM models."""
     from ..methods import METHODS
 
     served = {}
     for method in METHODS.values():
-        declared = getattr(method, "vllm_architecture", None)
-        if declared:
-            architecture, target = declared
+        for architecture, target in getattr(method, "vllm_architectures", ()):
             served[architecture] = target
     return served
 
 
 def transformers_only() -> dict[str, tuple[str, str]]:
     """architecture name -> (model_type, method name) of every registered method's model classes that have no vLLM
-    model (the method declares no ``vllm_architecture``)."""
+    model (the method declares no ``vllm_architectures``)."""
     from ..methods import METHODS
 
     served = served_architectures()
     out = {}
     for method in METHODS.values():
-        if getattr(method, "vllm_architecture", None) or not method.model_classes:
+        if getattr(method, "vllm_architectures", ()) or method.remote_code is None:
             continue
-        for model_class in method.model_classes[1:]:  # (config, base model, causal LM)
-            if model_class.__name__ not in served:
-                out[model_class.__name__] = (method.model_type, method.name)
+        for config_class, *model_classes in method.remote_code.all_classes:  # (config, base model, causal LM)
+            for model_class in model_classes:
+                if model_class.__name__ not in served:
+                    out[model_class.__name__] = (config_class.model_type, method.name)
     return out
 
 

@@ -8,20 +8,22 @@ import contextlib
 import torch
 from torch import nn
 
-from ...models.loading import check_llama_family
+from ...models.loading import check_llama_family, source_family
 from ..build import build_sharing_weights, derived_config, finish_student
 from .config import CSKVConfig
-from .remote_code import CSKV_FACTOR_NAMES, LlamaCSKVConfig, LlamaCSKVForCausalLM
+from .remote_code import CSKV_FACTOR_NAMES, REMOTE_CODE, LlamaCSKVConfig, LlamaCSKVForCausalLM
 
 
 # ---- building the student -----------------------------------------------------------------------------------------
 def cskv_model_config(source_config, cfg: CSKVConfig) -> LlamaCSKVConfig:
-    """A LlamaCSKVConfig with the source's architecture and ``cfg``'s CSKV settings (student mode on)."""
-    if getattr(source_config, "model_type", None) != "llama_cskv":
+    """The CSKV config of the source's family (LlamaCSKVConfig, Qwen2CSKVConfig, Qwen3CSKVConfig) with the source's
+    architecture and ``cfg``'s CSKV settings (student mode on)."""
+    config_class = REMOTE_CODE.classes_for(source_family(source_config))[0]
+    if getattr(source_config, "model_type", None) != config_class.model_type:
         check_llama_family(source_config, getattr(source_config, "name_or_path", "") or "model")
     layers = source_config.num_hidden_layers
     return derived_config(
-        source_config, LlamaCSKVConfig,
+        source_config, config_class,
         cskv=True,
         cskv_key_density=cfg.densities("key", layers),
         cskv_value_density=cfg.densities("value", layers),
@@ -73,7 +75,7 @@ def to_cskv(model: nn.Module, cfg: CSKVConfig) -> LlamaCSKVForCausalLM:
     config = cskv_model_config(model.config, cfg)
     reference = model.model.layers[0].self_attn.k_proj.weight
     # a CSKV source's own factors are not taken: they are re-initialised from the weights
-    new = build_sharing_weights(model, config, LlamaCSKVForCausalLM,
+    new = build_sharing_weights(model, config, REMOTE_CODE.classes_for(source_family(config))[2],
                                 skip=lambda key: key.rsplit(".", 2)[-2] in CSKV_FACTOR_NAMES)
     for layer in new.model.layers:
         attn = layer.self_attn

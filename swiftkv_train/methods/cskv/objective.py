@@ -18,7 +18,7 @@ from ...remote_code.quant_llama_cskv import fake_quant_keys, fake_quant_values, 
 from .calibrate import model_inputs
 from .config import CSKVConfig
 from .convert import cskv_mode
-from .remote_code.modeling_llama_cskv import apply_rope
+from .remote_code.modeling_llama_cskv import apply_rope, to_heads
 
 
 def reconstruction_loss(model, cfg: CSKVConfig, batch: dict[str, torch.Tensor], chunk: int,
@@ -59,9 +59,10 @@ def reconstruction_loss(model, cfg: CSKVConfig, batch: dict[str, torch.Tensor], 
                 errors.append(masked_mse(target(output.detach()), estimate.transpose(1, 2).flatten(2)))
         return hook
 
-    def rotated_keys(output, head_dim):
-        """k_proj's output [B, S, kv_dim] rotated at its positions, as the reconstruction is, in the same layout."""
-        keys = output.view(*output.shape[:-1], -1, head_dim).transpose(1, 2)
+    def rotated_keys(output, attn):
+        """k_proj's output [B, S, kv_dim] per-head normed where the layer norms keys (Qwen3) and rotated at its
+        positions, as the reconstruction is, in the same layout."""
+        keys = to_heads(output, attn.head_dim, getattr(attn, "k_norm", None))
         return apply_rope(keys, cos, sin).transpose(1, 2).flatten(2)
 
     handles = []
@@ -69,7 +70,7 @@ def reconstruction_loss(model, cfg: CSKVConfig, batch: dict[str, torch.Tensor], 
         attn = layer.self_attn
         reconstruct_key = functools.partial(attn.reconstruct_key, positions=position_ids,
                                             rotary=lambda x, p: (cos, sin))
-        key_target = functools.partial(rotated_keys, head_dim=attn.head_dim)
+        key_target = functools.partial(rotated_keys, attn=attn)
         handles.append(attn.k_proj.register_forward_hook(
             reconstruction_hook(attn.k_proj_a, fake_quant_keys, reconstruct_key, key_target, errors_k)))
         handles.append(attn.v_proj.register_forward_hook(

@@ -34,7 +34,7 @@ from torch import nn
 from ...errors import SwiftKVInputError
 from .config import LocretConfig
 from .remote_code import LlamaLocretForCausalLM
-from .remote_code.modeling_llama_locret import apply_rope
+from .remote_code.modeling_llama_locret import apply_rope, to_heads
 
 
 def answer_prefix_max_logits(
@@ -106,8 +106,9 @@ class _LayerCapture:
                 )
             cos, sin = kwargs["position_embeddings"]
             batch, seq = q_flat.shape[:2]
-            query = apply_rope(q_flat.detach().view(batch, seq, -1, attn.head_dim).transpose(1, 2), cos, sin)
-            key = apply_rope(k_flat.detach().view(batch, seq, -1, attn.head_dim).transpose(1, 2), cos, sin)
+            # the attention's own queries and keys (through Qwen3's per-head norms where the layer has them)
+            query = apply_rope(to_heads(q_flat.detach(), attn.head_dim, getattr(attn, "q_norm", None)), cos, sin)
+            key = apply_rope(to_heads(k_flat.detach(), attn.head_dim, getattr(attn, "k_norm", None)), cos, sin)
             row_labels = [
                 None
                 if item is None

@@ -18,7 +18,8 @@ from .calibrate import least_squares_kv_init
 from .config import SwiftKVConfig
 from .convert import check_layer_split, swiftkv_config, swiftkv_parameters, to_swiftkv
 from .objective import distillation_loss, forward_pair, hidden_index
-from .remote_code import REMOTE_CODE, LlamaSwiftKVConfig, LlamaSwiftKVForCausalLM, LlamaSwiftKVModel
+from .remote_code import (REMOTE_CODE, LlamaSwiftKVConfig, LlamaSwiftKVForCausalLM, LlamaSwiftKVModel,
+                          Qwen2SwiftKVForCausalLM, Qwen3SwiftKVForCausalLM)
 
 
 class SwiftKV(Method):
@@ -26,7 +27,9 @@ class SwiftKV(Method):
     Config = SwiftKVConfig
     remote_code = REMOTE_CODE
     mode_flag = "swiftkv"
-    vllm_architecture = ("LlamaSwiftKVForCausalLM", "swiftkv_train.methods.swiftkv.vllm_model:LlamaSwiftKVForCausalLM")
+    # vLLM serves the student of every source family (swiftkv_train.serving.vllm_plugin registers these)
+    vllm_architectures = tuple((name, f"swiftkv_train.methods.swiftkv.vllm_model:{name}") for name in
+                               ("LlamaSwiftKVForCausalLM", "Qwen2SwiftKVForCausalLM", "Qwen3SwiftKVForCausalLM"))
 
     def num_key_value_layers(self, config) -> int:
         """M for this model: the setting, or half of the layers when it is None."""
@@ -98,6 +101,7 @@ class SwiftKV(Method):
 
 
 __all__ = [
-    "LlamaSwiftKVConfig", "LlamaSwiftKVForCausalLM", "LlamaSwiftKVModel", "SwiftKV", "SwiftKVConfig",
+    "LlamaSwiftKVConfig", "LlamaSwiftKVForCausalLM", "LlamaSwiftKVModel", "Qwen2SwiftKVForCausalLM",
+    "Qwen3SwiftKVForCausalLM", "SwiftKV", "SwiftKVConfig",
     "check_layer_split", "swiftkv_config", "swiftkv_parameters", "to_swiftkv",
 ]

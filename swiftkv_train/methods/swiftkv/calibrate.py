@@ -140,7 +140,7 @@ def least_squares_kv_init(model, batches, ridge: float = 1e-4) -> KVFitReport:
     m, layers, g = config.num_key_value_layers, config.num_hidden_layers, config.key_value_group_size
     if m >= layers:
         return KVFitReport()
-    if config.attention_bias:
+    if model.model.layers[m].self_attn.k_proj_swiftkv.bias is not None:  # (Llama attention_bias, Qwen2)
         raise SwiftKVInputError(
             "transform.swiftkv.kv_init=least_squares fits projections without a bias; this model's attention has "
             "biases: use kv_init=mean."

@@ -5,9 +5,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ...errors import SwiftKVInputError
-from ...models.loading import check_llama_family
+from ...models.loading import check_llama_family, source_family
 from ..build import build_sharing_weights, derived_config, finish_student, trainable_copy
-from .remote_code import LlamaSwiftKVConfig, LlamaSwiftKVForCausalLM
+from .remote_code import REMOTE_CODE, LlamaSwiftKVConfig, LlamaSwiftKVForCausalLM
 
 
 def check_layer_split(layers: int, m, g, training: bool = False, prefix: str = "") -> None:
@@ -39,14 +39,16 @@ def check_layer_split(layers: int, m, g, training: bool = False, prefix: str = "
 
 def swiftkv_config(source_config, num_key_value_layers: int, key_value_group_size: int = 1, *,
                    training: bool = False, prefix: str = "") -> LlamaSwiftKVConfig:
-    """A LlamaSwiftKVConfig with the source's architecture, validated with messages that name the fields
-    (``training`` and ``prefix``: see :func:`check_layer_split`)."""
+    """The SwiftKV config of the source's family (LlamaSwiftKVConfig, Qwen2SwiftKVConfig, Qwen3SwiftKVConfig) with the
+    source's architecture, validated with messages that name the fields (``training`` and ``prefix``: see
+    :func:`check_layer_split`)."""
     check_llama_family(source_config, getattr(source_config, "name_or_path", "") or "model")
     layers = source_config.num_hidden_layers
     m, g = num_key_value_layers, key_value_group_size
     check_layer_split(layers, m, g, training=training, prefix=prefix)
+    config_class = REMOTE_CODE.classes_for(source_family(source_config))[0]
     return derived_config(
-        source_config, LlamaSwiftKVConfig, keep_all=getattr(source_config, "model_type", None) == LlamaSwiftKVConfig.model_type,
+        source_config, config_class, keep_all=getattr(source_config, "model_type", None) == config_class.model_type,
         num_key_value_layers=m, key_value_group_size=g, swiftkv=True, swiftkv_lean=False,
     )
 
@@ -59,7 +61,9 @@ def to_swiftkv(
 
     The new model shares ``model``'s (frozen) weight tensors and adds trainable SwiftKV weights initialised as the
     reference does: ``norm_swiftkv`` from layer M's input norm, each later layer's ``q_proj_swiftkv`` from its
-    ``q_proj``, each AcrossKV group's ``k/v_proj_swiftkv`` as the mean of the group's ``k/v_proj``.
+    ``q_proj``, each AcrossKV group's ``k/v_proj_swiftkv`` as the mean of the group's ``k/v_proj`` (biases
+    likewise). Qwen3: each later layer's ``q_norm_swiftkv`` from its ``q_norm``, each group's ``k_norm_swiftkv`` as the
+    mean of the group's ``k_norm`` weights (for g = 1 the layer's own).
     SwiftKV is switched on; ``.swiftkv(False)`` gives back the original model's function.
     """
     config = swiftkv_config(model.config, num_key_value_layers, key_value_group_size)
@@ -67,11 +71,10 @@ def to_swiftkv(
     source_layers = model.model.layers
     if any(not hasattr(layer.self_attn, "q_proj") for layer in source_layers):
         raise SwiftKVInputError("the source model is a lean SwiftKV export without the original projections.")
-    if getattr(source_layers[0].self_attn.q_proj, "bias", None) is not None and not config.attention_bias:
-        raise SwiftKVInputError("q/k/v bias without o_proj bias (Qwen2 style) is not supported yet.")
     reference = source_layers[0].self_attn.q_proj.weight
 
-    new = build_sharing_weights(model, config, LlamaSwiftKVForCausalLM, tolerate=lambda key: "swiftkv" in key)
+    model_class = REMOTE_CODE.classes_for(source_family(config))[2]
+    new = build_sharing_weights(model, config, model_class, tolerate=lambda key: "swiftkv" in key)
     if m < layers:
         new.model.norm_swiftkv.weight = trainable_copy(new.model.layers[m].input_layernorm.weight)
     else:  # no later layer: the norm is never used, keep it as an identity and frozen
@@ -83,6 +86,8 @@ def to_swiftkv(
             attn.q_proj_swiftkv.weight = trainable_copy(attn.q_proj.weight)
             if attn.q_proj.bias is not None:
                 attn.q_proj_swiftkv.bias = trainable_copy(attn.q_proj.bias)
+            if hasattr(attn, "q_norm_swiftkv"):
+                attn.q_norm_swiftkv.weight = trainable_copy(attn.q_norm.weight)
         leader_attn = new.model.layers[leader].self_attn
         for name in ("k_proj", "v_proj"):
             target = getattr(leader_attn, f"{name}_swiftkv")
@@ -91,6 +96,9 @@ def to_swiftkv(
             target.weight = trainable_copy(torch.stack([s.weight.float() for s in sources]).mean(0).to(reference.dtype))
             if sources[0].bias is not None:
                 target.bias = trainable_copy(torch.stack([s.bias.float() for s in sources]).mean(0).to(reference.dtype))
+        if hasattr(leader_attn, "k_norm_swiftkv"):
+            norms = [new.model.layers[idx].self_attn.k_norm.weight.float() for idx in group]
+            leader_attn.k_norm_swiftkv.weight = trainable_copy(torch.stack(norms).mean(0).to(reference.dtype))
     return finish_student(new, model, "to_swiftkv")
 
 

@@ -3,8 +3,9 @@
 
 from ....remote_code import RemoteCode
 from .cache_llama_cskv import CSKVCache, CSKVCacheLayer
-from .configuration_llama_cskv import LlamaCSKVConfig
-from .modeling_llama_cskv import CSKV_FACTOR_NAMES, LlamaCSKVForCausalLM, LlamaCSKVModel
+from .configuration_llama_cskv import LlamaCSKVConfig, Qwen2CSKVConfig, Qwen3CSKVConfig
+from .modeling_llama_cskv import (CSKV_FACTOR_NAMES, LlamaCSKVForCausalLM, LlamaCSKVModel, Qwen2CSKVForCausalLM,
+                                  Qwen2CSKVModel, Qwen3CSKVForCausalLM, Qwen3CSKVModel)
 
 # This model's classes and what its exports ship (see swiftkv_train/remote_code): this package's files, the shared
 # ones and the kernels they import.
@@ -13,6 +14,8 @@ REMOTE_CODE = RemoteCode(
     own=("cache_llama_cskv.py", "configuration_llama_cskv.py", "modeling_llama_cskv.py"),
     common=("quant_llama_cskv.py", "transformers_compat.py"),
     kernels=("cskv_decode.py",),
+    variants=((Qwen2CSKVConfig, Qwen2CSKVModel, Qwen2CSKVForCausalLM),
+              (Qwen3CSKVConfig, Qwen3CSKVModel, Qwen3CSKVForCausalLM)),
 )
 
 __all__ = [

@@ -69,4 +69,20 @@ class LlamaCSKVConfig(LlamaConfig):
         return max(1, min(kv_dim, round(density * kv_dim)))
 
 
-__all__ = ["LlamaCSKVConfig", "CSKV_QUANT_BITS"]
+@strict
+class Qwen2CSKVConfig(LlamaCSKVConfig):
+    """The CSKV model of a Qwen2 / Qwen2.5 source (q/k/v with bias: rebuilt keys and values add it back)."""
+
+    model_type = "qwen2_cskv"
+    source_family = "qwen2"
+
+
+@strict
+class Qwen3CSKVConfig(LlamaCSKVConfig):
+    """The CSKV model of a Qwen3 source (rebuilt keys go through the layer's per-head ``k_norm`` before RoPE)."""
+
+    model_type = "qwen3_cskv"
+    source_family = "qwen3"
+
+
+__all__ = ["LlamaCSKVConfig", "Qwen2CSKVConfig", "Qwen3CSKVConfig", "CSKV_QUANT_BITS"]

@@ -37,17 +37,20 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .cache_llama_cskv import CSKVCache, CSKVCacheLayer
-from .configuration_llama_cskv import LlamaCSKVConfig
+from .configuration_llama_cskv import LlamaCSKVConfig, Qwen2CSKVConfig, Qwen3CSKVConfig
 
 try:  # beside this file in an export, one level up in the package
-    from .transformers_compat import (CACHE_ARG, accepts_legacy_cache_name, apply_rope, build_causal_lm,
-                                      build_decoder, build_decoder_layer, cache_kwarg, causal_lm_output,
-                                      decoder_output, embed_inputs)
+    from .transformers_compat import (CACHE_ARG, accepts_legacy_cache_name, add_family_modules, apply_rope,
+                                      build_causal_lm, build_decoder, build_decoder_layer, cache_kwarg,
+                                      causal_lm_output, decoder_output, embed_inputs, has_qk_norm,
+                                      source_attention_forward, source_query_key_value, to_heads)
 except ImportError:
-    from swiftkv_train.remote_code.transformers_compat import (CACHE_ARG, accepts_legacy_cache_name, apply_rope,
-                                                               build_causal_lm, build_decoder, build_decoder_layer,
-                                                               cache_kwarg, causal_lm_output, decoder_output,
-                                                               embed_inputs)
+    from swiftkv_train.remote_code.transformers_compat import (CACHE_ARG, accepts_legacy_cache_name,
+                                                               add_family_modules, apply_rope, build_causal_lm,
+                                                               build_decoder, build_decoder_layer, cache_kwarg,
+                                                               causal_lm_output, decoder_output, embed_inputs,
+                                                               has_qk_norm, source_attention_forward,
+                                                               source_query_key_value, to_heads)
 try:  # the shared KV quantizer, likewise
     from .quant_llama_cskv import fake_quant_keys, fake_quant_values
 except ImportError:
@@ -60,11 +63,6 @@ except ImportError:
         from swiftkv_kernels.cskv_decode import cskv_decode_attention, kernel_available
     except ImportError:  # neither: the torch path only
         cskv_decode_attention = None
-
-
-def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """[B, S, H*D] -> [B, H, S, D]."""
-    return x.view(*x.shape[:-1], -1, head_dim).transpose(1, 2)
 
 
 def decode_key_masks(attention_mask, q_len: int, compressed: int, window: int):
@@ -95,10 +93,13 @@ def decode_key_masks(attention_mask, q_len: int, compressed: int, window: int):
 
 
 class LlamaCSKVAttention(LlamaAttention):
-    """Llama attention plus the CSKV factors A (``*_proj_a``) and B (``*_proj_b``) of keys and values."""
+    """Llama attention (with the source family's q/k/v biases or q/k norms) plus the CSKV factors A (``*_proj_a``)
+    and B (``*_proj_b``) of keys and values. A Qwen3 key rebuilt from its features goes through ``k_norm`` before
+    RoPE, as the original key does."""
 
     def __init__(self, config: LlamaCSKVConfig, layer_idx: int):
         super().__init__(config, layer_idx)
+        add_family_modules(self, config)
         kv_dim = config.cskv_kv_dim
         rank_k, rank_v = config.cskv_rank("key", layer_idx), config.cskv_rank("value", layer_idx)
         self.k_proj_a = nn.Linear(config.hidden_size, rank_k, bias=False)
@@ -112,11 +113,12 @@ class LlamaCSKVAttention(LlamaAttention):
         return self.k_proj_a(hidden_states), self.v_proj_a(hidden_states)
 
     def reconstruct_key(self, key_features: torch.Tensor, positions: torch.Tensor, rotary) -> torch.Tensor:
-        """``RoPE(B_k·c + b_k)`` at ``positions [B, T]`` -> ``[B, H, T, D]``."""
+        """``RoPE(k_norm(B_k·c + b_k))`` (``k_norm``: Qwen3's, where the layer has it) at ``positions [B, T]`` ->
+        ``[B, H, T, D]``."""
         key = self.k_proj_b(key_features)
         if self.k_proj.bias is not None:
             key = key + self.k_proj.bias
-        key = _heads(key, self.head_dim)
+        key = to_heads(key, self.head_dim, getattr(self, "k_norm", None))
         cos, sin = rotary(key, positions)
         return apply_rope(key, cos, sin)
 
@@ -125,7 +127,7 @@ class LlamaCSKVAttention(LlamaAttention):
         value = self.v_proj_b(value_features)
         if self.v_proj.bias is not None:
             value = value + self.v_proj.bias
-        return _heads(value, self.head_dim)
+        return to_heads(value, self.head_dim)
 
     @accepts_legacy_cache_name
     def forward(
@@ -141,12 +143,8 @@ class LlamaCSKVAttention(LlamaAttention):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.config.cskv:
-            return super().forward(hidden_states, position_embeddings, attention_mask, **cache_kwarg(cache), **kwargs)
-        query = _heads(self.q_proj(hidden_states), self.head_dim)
-        key = _heads(self.k_proj(hidden_states), self.head_dim)
-        value = _heads(self.v_proj(hidden_states), self.head_dim)
-        cos, sin = position_embeddings
-        query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
+            return source_attention_forward(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
+        query, key, value = source_query_key_value(self, hidden_states, position_embeddings)
 
         if cache is not None:
             layer, prefill = self._append_to_cache(hidden_states, key, value, cache, position_ids)
@@ -203,6 +201,8 @@ class LlamaCSKVAttention(LlamaAttention):
         window (then some compressed tokens would follow a query), mixed dtypes, or a mask form the kernel does not
         take."""
         if cskv_decode_attention is None or not getattr(self.config, "use_kernels", True):
+            return None
+        if has_qk_norm(self.config):  # the kernel rebuilds keys without Qwen3's per-head k_norm
             return None
         if not kernel_available(query) or query.dtype != self.k_proj_b.weight.dtype:
             return None
@@ -374,9 +374,10 @@ class LlamaCSKVModel(LlamaModel):
 
 class LlamaCSKVForCausalLM(LlamaForCausalLM):
     config_class = LlamaCSKVConfig
+    decoder_class = LlamaCSKVModel
 
     def __init__(self, config: LlamaCSKVConfig):
-        build_causal_lm(self, config, LlamaCSKVModel)
+        build_causal_lm(self, config, self.decoder_class)
         self.post_init()
 
     def cskv(self, enabled: bool = True) -> "LlamaCSKVForCausalLM":
@@ -437,6 +438,25 @@ class LlamaCSKVForCausalLM(LlamaForCausalLM):
         return causal_lm_output(self, outputs, logits_to_keep, labels, **kwargs)
 
 
+# The same model made from the other source families (transformers_compat.source_family: what their layers add).
+class Qwen2CSKVModel(LlamaCSKVModel):
+    config_class = Qwen2CSKVConfig
+
+
+class Qwen2CSKVForCausalLM(LlamaCSKVForCausalLM):
+    config_class = Qwen2CSKVConfig
+    decoder_class = Qwen2CSKVModel
+
+
+class Qwen3CSKVModel(LlamaCSKVModel):
+    config_class = Qwen3CSKVConfig
+
+
+class Qwen3CSKVForCausalLM(LlamaCSKVForCausalLM):
+    config_class = Qwen3CSKVConfig
+    decoder_class = Qwen3CSKVModel
+
+
 CSKV_FACTOR_NAMES = ("k_proj_a", "k_proj_b", "v_proj_a", "v_proj_b")
 
 __all__ = [
@@ -445,7 +465,12 @@ __all__ = [
     "LlamaCSKVDecoderLayer",
     "LlamaCSKVModel",
     "LlamaCSKVForCausalLM",
+    "Qwen2CSKVForCausalLM",
+    "Qwen2CSKVModel",
+    "Qwen3CSKVForCausalLM",
+    "Qwen3CSKVModel",
     "allowed_keys",
     "apply_rope",
+    "to_heads",
     "decode_key_masks",
 ]

@@ -5,8 +5,10 @@ from ....remote_code import RemoteCode
 from ....errors import SwiftKVInputError
 from . import configuration_llama_locret
 from .cache_llama_locret import LocretCache, LocretLayer
-from .configuration_llama_locret import LlamaLocretConfig, LocretSettings, validate_locret_settings
-from .modeling_llama_locret import LlamaLocretForCausalLM, LlamaLocretModel
+from .configuration_llama_locret import (LlamaLocretConfig, LocretSettings, Qwen2LocretConfig, Qwen3LocretConfig,
+                                         validate_locret_settings)
+from .modeling_llama_locret import (LlamaLocretForCausalLM, LlamaLocretModel, Qwen2LocretForCausalLM,
+                                    Qwen2LocretModel, Qwen3LocretForCausalLM, Qwen3LocretModel)
 
 # Inside the toolkit a bad Locret setting raises the toolkit's one input-error type (a ValueError, as in exports,
 # which cannot import swiftkv_train and keep their own LocretSettingsError).
@@ -19,6 +21,8 @@ REMOTE_CODE = RemoteCode(
     own=("cache_llama_locret.py", "configuration_llama_locret.py", "modeling_llama_locret.py"),
     common=("quant_llama_cskv.py", "transformers_compat.py"),
     kernels=("locret_evict.py",),
+    variants=((Qwen2LocretConfig, Qwen2LocretModel, Qwen2LocretForCausalLM),
+              (Qwen3LocretConfig, Qwen3LocretModel, Qwen3LocretForCausalLM)),
 )
 
 __all__ = [

@@ -155,9 +155,27 @@ class LlamaLocretConfig(LlamaConfig):
         return LocretSettings(**fields)
 
 
+@strict
+class Qwen2LocretConfig(LlamaLocretConfig):
+    """The Locret model of a Qwen2 / Qwen2.5 source (q/k/v with bias)."""
+
+    model_type = "qwen2_locret"
+    source_family = "qwen2"
+
+
+@strict
+class Qwen3LocretConfig(LlamaLocretConfig):
+    """The Locret model of a Qwen3 source (per-head q/k norms before RoPE)."""
+
+    model_type = "qwen3_locret"
+    source_family = "qwen3"
+
+
 __all__ = [
     "QUANT_BITS",
     "LlamaLocretConfig",
+    "Qwen2LocretConfig",
+    "Qwen3LocretConfig",
     "LocretSettings",
     "LocretSettingsError",
     "settings_error",

@@ -19,7 +19,8 @@ Self-contained: imports only torch, transformers and the sibling files, so the s
 Retaining head input layout (per token, per layer): ``cat(q_proj(x), k_proj(x), v_proj(x))`` before RoPE, each
 projection in its native head-major order, i.e. [q head 0 .. q head H_q-1, k head 0 .. H_kv-1, v head 0 ..
 H_kv-1], each head_dim wide: (H_q + 2 H_kv) * head_dim features -> fc1 (no bias) -> hidden_act -> fc2 -> H_kv
-scores (score h ranks KV head h's entry). SmolLM2-135M: (9 + 2*3) * 64 = 960 -> 1024 -> 3.
+scores (score h ranks KV head h's entry). SmolLM2-135M: (9 + 2*3) * 64 = 960 -> 1024 -> 3. (Qwen2: the outputs
+include the projections' biases; Qwen3: before its per-head q/k norms, which the attention applies after.)
 """
 
 from collections.abc import Callable
@@ -38,15 +39,18 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .cache_llama_locret import LocretCache
-from .configuration_llama_locret import LlamaLocretConfig, LocretSettings, settings_error, validate_locret_settings
+from .configuration_llama_locret import (LlamaLocretConfig, LocretSettings, Qwen2LocretConfig, Qwen3LocretConfig,
+                                         settings_error, validate_locret_settings)
 
 try:  # beside this file in an export, one level up in the package
-    from .transformers_compat import (accepts_legacy_cache_name, apply_rope, build_causal_lm, build_decoder,
-                                      build_decoder_layer, cache_kwarg, decoder_output)
+    from .transformers_compat import (accepts_legacy_cache_name, add_family_modules, apply_rope, build_causal_lm,
+                                      build_decoder, build_decoder_layer, cache_kwarg, decoder_output,
+                                      source_attention_forward, to_heads)
 except ImportError:
-    from swiftkv_train.remote_code.transformers_compat import (accepts_legacy_cache_name, apply_rope, build_causal_lm,
-                                                               build_decoder, build_decoder_layer, cache_kwarg,
-                                                               decoder_output)
+    from swiftkv_train.remote_code.transformers_compat import (accepts_legacy_cache_name, add_family_modules,
+                                                               apply_rope, build_causal_lm, build_decoder,
+                                                               build_decoder_layer, cache_kwarg, decoder_output,
+                                                               source_attention_forward, to_heads)
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 
@@ -69,6 +73,7 @@ class LocretRetainingHead(nn.Module):
 class LlamaLocretAttention(LlamaAttention):
     def __init__(self, config: LlamaLocretConfig, layer_idx: int):
         super().__init__(config, layer_idx)
+        add_family_modules(self, config)
         self.retaining_head = LocretRetainingHead(config)
 
     def retaining_scores(self, query_flat, key_flat, value_flat) -> torch.Tensor:
@@ -78,17 +83,16 @@ class LlamaLocretAttention(LlamaAttention):
     @accepts_legacy_cache_name
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         if not isinstance(cache, LocretCache):
-            return super().forward(hidden_states, position_embeddings, attention_mask, **cache_kwarg(cache), **kwargs)
+            return source_attention_forward(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
         input_shape = hidden_states.shape[:-1]
         q_len = input_shape[1]
-        heads_shape = (*input_shape, -1, self.head_dim)
         query_flat = self.q_proj(hidden_states)
         key_flat = self.k_proj(hidden_states)
         value_flat = self.v_proj(hidden_states)
         scores = self.retaining_scores(query_flat, key_flat, value_flat)
-        query = query_flat.view(heads_shape).transpose(1, 2)
-        key = key_flat.view(heads_shape).transpose(1, 2)
-        value = value_flat.view(heads_shape).transpose(1, 2)
+        query = to_heads(query_flat, self.head_dim, getattr(self, "q_norm", None))
+        key = to_heads(key_flat, self.head_dim, getattr(self, "k_norm", None))
+        value = to_heads(value_flat, self.head_dim)
 
         cos, sin = position_embeddings
         if cache.settings.position_mode == "compacted":
@@ -199,8 +203,10 @@ class LlamaLocretForCausalLM(LlamaForCausalLM):
     config_class = LlamaLocretConfig
     _no_split_modules = ["LlamaLocretDecoderLayer"]
 
+    decoder_class = LlamaLocretModel
+
     def __init__(self, config: LlamaLocretConfig):
-        build_causal_lm(self, config, LlamaLocretModel)
+        build_causal_lm(self, config, self.decoder_class)
         self.post_init()
 
     # ---- settings -----------------------------------------------------------------------------------------------
@@ -281,7 +287,30 @@ class LlamaLocretForCausalLM(LlamaForCausalLM):
         return super().generate(inputs, generation_config, **cache_kwarg(cache), **kwargs)
 
 
+# The same model made from the other source families (transformers_compat.source_family: what their layers add).
+class Qwen2LocretModel(LlamaLocretModel):
+    config_class = Qwen2LocretConfig
+
+
+class Qwen2LocretForCausalLM(LlamaLocretForCausalLM):
+    config_class = Qwen2LocretConfig
+    decoder_class = Qwen2LocretModel
+
+
+class Qwen3LocretModel(LlamaLocretModel):
+    config_class = Qwen3LocretConfig
+
+
+class Qwen3LocretForCausalLM(LlamaLocretForCausalLM):
+    config_class = Qwen3LocretConfig
+    decoder_class = Qwen3LocretModel
+
+
 __all__ = [
+    "Qwen2LocretForCausalLM",
+    "Qwen2LocretModel",
+    "Qwen3LocretForCausalLM",
+    "Qwen3LocretModel",
     "LlamaLocretAttention",
     "LlamaLocretDecoderLayer",
     "LlamaLocretForCausalLM",

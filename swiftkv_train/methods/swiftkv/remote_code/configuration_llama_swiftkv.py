@@ -1,4 +1,4 @@
-"""Configuration of the SwiftKV Llama model (model_type ``llama_swiftkv``).
+"""Configuration of the SwiftKV Llama model (model_type ``llama_swiftkv``) and of its Qwen2 / Qwen3 variants.
 
 Self-contained: imports only transformers, so the same file serves the package and
 ``trust_remote_code`` exports. Field names follow the public SwiftKV checkpoints.
@@ -66,4 +66,21 @@ class LlamaSwiftKVConfig(LlamaConfig):
         return m + -(-(self.num_hidden_layers - m) // g)
 
 
-__all__ = ["LlamaSwiftKVConfig"]
+@strict
+class Qwen2SwiftKVConfig(LlamaSwiftKVConfig):
+    """The SwiftKV model of a Qwen2 / Qwen2.5 source: q/k/v projections (and SwiftKV's) with bias."""
+
+    model_type = "qwen2_swiftkv"
+    source_family = "qwen2"
+
+
+@strict
+class Qwen3SwiftKVConfig(LlamaSwiftKVConfig):
+    """The SwiftKV model of a Qwen3 source: per-head q/k RMSNorms (``q_norm_swiftkv`` on every later layer,
+    ``k_norm_swiftkv`` on each AcrossKV group's first layer, as ArcticTraining's Qwen3 SwiftKV names them)."""
+
+    model_type = "qwen3_swiftkv"
+    source_family = "qwen3"
+
+
+__all__ = ["LlamaSwiftKVConfig", "Qwen2SwiftKVConfig", "Qwen3SwiftKVConfig"]

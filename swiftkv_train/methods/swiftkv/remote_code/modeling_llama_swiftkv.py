@@ -28,15 +28,19 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 
-from .configuration_llama_swiftkv import LlamaSwiftKVConfig
+from .configuration_llama_swiftkv import LlamaSwiftKVConfig, Qwen2SwiftKVConfig, Qwen3SwiftKVConfig
 
 try:  # beside this file in an export, one level up in the package
-    from .transformers_compat import (accepts_legacy_cache_name, apply_rope, build_causal_lm, build_decoder,
-                                      build_decoder_layer, cache_kwarg, causal_lm_output, decoder_output, embed_inputs)
+    from .transformers_compat import (accepts_legacy_cache_name, add_family_modules, apply_rope, build_causal_lm,
+                                      build_decoder, build_decoder_layer, cache_kwarg, causal_lm_output,
+                                      decoder_output, embed_inputs, has_qk_norm, head_norm,
+                                      source_attention_forward, to_heads)
 except ImportError:
-    from swiftkv_train.remote_code.transformers_compat import (accepts_legacy_cache_name, apply_rope, build_causal_lm,
-                                                               build_decoder, build_decoder_layer, cache_kwarg,
-                                                               causal_lm_output, decoder_output, embed_inputs)
+    from swiftkv_train.remote_code.transformers_compat import (accepts_legacy_cache_name, add_family_modules,
+                                                               apply_rope, build_causal_lm, build_decoder,
+                                                               build_decoder_layer, cache_kwarg, causal_lm_output,
+                                                               decoder_output, embed_inputs, has_qk_norm, head_norm,
+                                                               source_attention_forward, to_heads)
 
 try:  # Fused prefill kernels: beside this file in an export, from the swiftkv_kernels package otherwise.
     from .swiftkv_prefill_kv import fused_swiftkv_kv, kernel_available, rms_norm, silu_mul
@@ -134,31 +138,40 @@ class LlamaSwiftKVAttention(LlamaAttention):
     """Llama attention plus the SwiftKV projections of a later layer.
 
     ``q_proj_swiftkv`` reads this layer's own normed input; ``k/v_proj_swiftkv`` exist only on the first layer of
-    each AcrossKV group and read ``norm_swiftkv(h_M)``.
+    each AcrossKV group and read ``norm_swiftkv(h_M)``. They carry a bias where the source's q/k/v do (Qwen2); for a
+    Qwen3 source the SwiftKV query and key go through their own per-head norms (``q_norm_swiftkv`` per layer,
+    ``k_norm_swiftkv`` per group), as the source's go through ``q_norm`` / ``k_norm``.
     """
 
     def __init__(self, config: LlamaSwiftKVConfig, layer_idx: int):
         super().__init__(config, layer_idx)
+        add_family_modules(self, config)
         m = config.num_key_value_layers
         self.is_swiftkv_layer = layer_idx >= m
         if not self.is_swiftkv_layer:
             return
         q_dim = config.num_attention_heads * self.head_dim
         kv_dim = config.num_key_value_heads * self.head_dim
-        bias = config.attention_bias
+        bias = self.q_proj.bias is not None
         if config.swiftkv_lean:
             # The lean checkpoint carries no teacher projections for later layers: do not allocate them.
             del self.q_proj, self.k_proj, self.v_proj
+            if has_qk_norm(config):
+                del self.q_norm, self.k_norm
         self.q_proj_swiftkv = nn.Linear(config.hidden_size, q_dim, bias=bias)
+        if has_qk_norm(config):
+            self.q_norm_swiftkv = head_norm(config)
         if config.swiftkv_group_leader(layer_idx) == layer_idx:
             self.k_proj_swiftkv = nn.Linear(config.hidden_size, kv_dim, bias=bias)
             self.v_proj_swiftkv = nn.Linear(config.hidden_size, kv_dim, bias=bias)
+            if has_qk_norm(config):
+                self.k_norm_swiftkv = head_norm(config)
 
     def swiftkv_key_value(self, kv_input: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
-        """K (with RoPE) and V of this group from the normed SwiftKV input, shaped [B, H_kv, S, D]."""
-        shape = (*kv_input.shape[:-1], -1, self.head_dim)
-        key = self.k_proj_swiftkv(kv_input).view(shape).transpose(1, 2)
-        value = self.v_proj_swiftkv(kv_input).view(shape).transpose(1, 2)
+        """K (per-head normed for Qwen3, then RoPE) and V of this group from the normed SwiftKV input, shaped
+        [B, H_kv, S, D]."""
+        key = to_heads(self.k_proj_swiftkv(kv_input), self.head_dim, getattr(self, "k_norm_swiftkv", None))
+        value = to_heads(self.v_proj_swiftkv(kv_input), self.head_dim)
         cos, sin = position_embeddings
         return apply_rope(key, cos, sin), value
 
@@ -178,10 +191,9 @@ class LlamaSwiftKVAttention(LlamaAttention):
                     "This is a lean SwiftKV checkpoint: the original projections of the later layers were dropped, "
                     "so swiftkv(False) (teacher mode) is unavailable. Export with lean=False to keep them."
                 )
-            return super().forward(hidden_states, position_embeddings, attention_mask, **cache_kwarg(cache), **kwargs)
+            return source_attention_forward(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
 
-        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        query = self.q_proj_swiftkv(hidden_states).view(shape).transpose(1, 2)
+        query = to_heads(self.q_proj_swiftkv(hidden_states), self.head_dim, getattr(self, "q_norm_swiftkv", None))
         cos, sin = position_embeddings
         query = apply_rope(query, cos, sin)
         key, value = shared_key_value
@@ -247,8 +259,8 @@ class LlamaSwiftKVModel(LlamaModel):
     def _fused_key_values(self, h_m, position_embeddings, leaders):
         """All groups' K/V from the fused Triton kernel, or None where it does not apply (no CUDA/Triton,
         ``config.use_kernels`` off, or a gradient is needed: the kernel is inference-only)."""
-        if not _fused_inference(self.config, h_m, self.norm_swiftkv.weight):
-            return None
+        if not _fused_inference(self.config, h_m, self.norm_swiftkv.weight) or has_qk_norm(self.config):
+            return None  # (the kernel has no per-head key norm: Qwen3 keys take the torch path)
         if torch.is_grad_enabled():  # the K/V projections must not need a gradient either
             for leader in leaders:
                 attn = self.layers[leader].self_attn
@@ -361,9 +373,10 @@ class LlamaSwiftKVModel(LlamaModel):
 
 class LlamaSwiftKVForCausalLM(LlamaForCausalLM):
     config_class = LlamaSwiftKVConfig
+    decoder_class = LlamaSwiftKVModel
 
     def __init__(self, config: LlamaSwiftKVConfig):
-        build_causal_lm(self, config, LlamaSwiftKVModel)
+        build_causal_lm(self, config, self.decoder_class)
         self.post_init()
 
     def swiftkv(self, enabled: bool = True) -> "LlamaSwiftKVForCausalLM":
@@ -377,14 +390,15 @@ class LlamaSwiftKVForCausalLM(LlamaForCausalLM):
         return self
 
     def lean_export_spec(self) -> tuple[set[str], dict]:
-        """Weights only the teacher uses (original q/k/v of the later layers) and the config of a lean export."""
+        """Weights only the teacher uses (original q/k/v, and Qwen3's q/k norms, of the later layers) and the config of
+        a lean export."""
         m = self.config.num_key_value_layers
         drop = {
             name
             for name, _ in self.named_parameters()
             if name.startswith("model.layers.")
             and int(name.split(".")[2]) >= m
-            and name.split(".")[4] in ("q_proj", "k_proj", "v_proj")
+            and name.split(".")[4] in ("q_proj", "k_proj", "v_proj", "q_norm", "k_norm")
         }
         return drop, {"swiftkv": True, "swiftkv_lean": True}
 
@@ -419,9 +433,32 @@ class LlamaSwiftKVForCausalLM(LlamaForCausalLM):
         return causal_lm_output(self, outputs, logits_to_keep, labels, **kwargs)
 
 
+# The same model made from the other source families (transformers_compat.source_family: what their layers add).
+class Qwen2SwiftKVModel(LlamaSwiftKVModel):
+    config_class = Qwen2SwiftKVConfig
+
+
+class Qwen2SwiftKVForCausalLM(LlamaSwiftKVForCausalLM):
+    config_class = Qwen2SwiftKVConfig
+    decoder_class = Qwen2SwiftKVModel
+
+
+class Qwen3SwiftKVModel(LlamaSwiftKVModel):
+    config_class = Qwen3SwiftKVConfig
+
+
+class Qwen3SwiftKVForCausalLM(LlamaSwiftKVForCausalLM):
+    config_class = Qwen3SwiftKVConfig
+    decoder_class = Qwen3SwiftKVModel
+
+
 __all__ = [
     "LlamaSwiftKVAttention",
     "LlamaSwiftKVDecoderLayer",
     "LlamaSwiftKVModel",
     "LlamaSwiftKVForCausalLM",
+    "Qwen2SwiftKVForCausalLM",
+    "Qwen2SwiftKVModel",
+    "Qwen3SwiftKVForCausalLM",
+    "Qwen3SwiftKVModel",
 ]
