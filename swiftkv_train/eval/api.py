@@ -15,11 +15,12 @@ from ..policies import POLICIES, CachePolicy, build_policy
 from .config import MOVED_POLICY_SETTINGS, SUITES, EvalConfig, evaluable_policies
 from .efficiency import run_efficiency
 from .fidelity import run_fidelity
-from .lm_eval_suite import run_lm_eval
+from .lm_eval_suite import check_policy_tasks, run_lm_eval
 from .needle import NEEDLE, PASSKEY, run_retrieval
 from .plots import write_plots
 from .ruler import run_task as run_ruler_task
 from .report import write_results
+from .runs import check_resumable, run_dir, run_or_resume, write_summary
 from .subjects import Subject, has_mode_switch, teacher_of
 
 __all__ = ["evaluate", "make_config", "parse_suites", "policies_from_config"]
@@ -102,7 +103,35 @@ def _meta(cfg, subjects: list[Subject]) -> dict:
     }
 
 
-def _preflight(cfg, names, runs, teacher_subject) -> None:
+def _run_config(cfg, suite: str, task: str, subject: Subject, policy: CachePolicy | None) -> dict:
+    """The settings that produce one run of the results layout (its config.yaml): what it ran, on what, how."""
+    section = OmegaConf.to_container(cfg[suite], resolve=True)
+    if suite in ("lm_eval", "ruler"):
+        section.pop("tasks", None)  # one run per task: adding a task to the list changes no existing run
+    return {"suite": suite, "task": task, "model": subject.name, "student_mode": subject.student,
+            "policy": policy.settings() if policy is not None else {"name": "full"}, suite: section}
+
+
+def _planned(cfg, names, runs) -> list[tuple]:
+    """(suite, task, subject, label, policy) of every run that goes through the results layout (eval/runs.py):
+    the needle and passkey suites, and each lm-eval task; each for every (subject, policy) run."""
+    plan = []
+    for suite in names:
+        tasks = list(cfg.lm_eval.tasks) if suite == "lm_eval" else [suite] if suite in ("needle", "passkey") else []
+        tasks = list(cfg.ruler.tasks) if suite == "ruler" else tasks
+        plan += [(suite, task, s, label, p) for task in tasks for s, label, p in runs]
+    return plan
+
+
+def _layout(out: Path | None, cfg, suite: str, task: str, subject: Subject, label: str, policy, compute) -> dict:
+    """``compute()``, or its saved result when ``out`` already holds it (the results layout: eval/runs.py)."""
+    if out is None:
+        return compute()
+    config = _run_config(cfg, suite, task, subject, policy)
+    return run_or_resume(out, subject.name, label, task, config, compute)
+
+
+def _preflight(cfg, names, runs, teacher_subject, out: Path | None = None) -> None:
     """Every input check before the first model call, so a bad setting fails in seconds, not after a suite."""
     from .efficiency import check_config as check_efficiency
     from .fidelity import check_config as check_fidelity
@@ -124,6 +153,11 @@ def _preflight(cfg, names, runs, teacher_subject) -> None:
             check_efficiency(subject, cfg.efficiency)
         if "ruler" in names:  # generates (or reads from its cache) every sample: a bad length fails here
             check_ruler(subject, cfg.ruler)
+    if "lm_eval" in names:
+        check_policy_tasks(cfg.lm_eval, [label for _, label, p in runs if p is not None])
+    if out is not None:
+        for suite, task, subject, label, policy in _planned(cfg, names, runs):
+            check_resumable(run_dir(out, subject.name, label, task), _run_config(cfg, suite, task, subject, policy))
 
 
 def evaluate(model, tokenizer, suites="fidelity", teacher=None, teacher_tokenizer=None, config=None,
@@ -134,7 +168,10 @@ def evaluate(model, tokenizer, suites="fidelity", teacher=None, teacher_tokenize
     ``teacher``: a model object, or ``"self"`` for a model that can run as the original it was made from. ``config``: an
     EvalConfig / dict; keyword ``overrides`` use the same keys (e.g. ``fidelity={"window": 256}``).
     A transformed model is evaluated in its student mode. Fidelity needs a teacher (skipped with the reason otherwise).
-    Cache policies (``policies.names``) apply to the generation suites (needle, passkey, efficiency).
+    Cache policies (``policies.names``) apply to the generation suites (needle, passkey, efficiency, and lm-eval's
+    generation tasks). With ``out_dir``, the needle, passkey and lm-eval runs also go to the results layout
+    (eval/runs.py: ``out_dir/<model>/<policy>@<ratio>/<task>/``, one summary table); a run already there is read
+    back instead of run again.
     """
     cfg = make_config(config, **overrides)
     names = parse_suites(suites)
@@ -163,7 +200,8 @@ def evaluate(model, tokenizer, suites="fidelity", teacher=None, teacher_tokenize
     if teacher_subject is not None:
         runs.append((teacher_subject, "full", None))
 
-    _preflight(cfg, names, runs, teacher_subject)
+    out = Path(out_dir) if out_dir is not None else None
+    _preflight(cfg, names, runs, teacher_subject, out)
     for suite in names:
         if suite == "fidelity":
             if teacher_subject is None:
@@ -175,25 +213,32 @@ def evaluate(model, tokenizer, suites="fidelity", teacher=None, teacher_tokenize
             results[suite] = []
             for s, label, p in runs:
                 with _scores(s, p):
-                    results[suite].append(run_retrieval(s, variant, section, p, label, progress))
-        elif suite == "ruler":  # one result per (subject, policy, task)
+                    results[suite].append(_layout(out, cfg, suite, suite, s, label, p, lambda: run_retrieval(
+                        s, variant, section, p, label, progress)))
+        elif suite == "ruler":  # one run per (subject, policy, task), like lm-eval
             results[suite] = []
             for s, label, p in runs:
                 with _scores(s, p):
                     for task in cfg.ruler.tasks:
-                        results[suite].append(run_ruler_task(s, cfg.ruler, task, p, label, progress))
+                        results[suite].append(_layout(out, cfg, suite, task, s, label, p, lambda: run_ruler_task(
+                            s, cfg.ruler, task, p, label, progress)))
         elif suite == "efficiency":
             results[suite] = []
             for s, label, p in runs:
                 with _scores(s, p):
                     results[suite].append(run_efficiency(s, cfg.efficiency, p, label, progress))
-        elif suite == "lm_eval":
-            results[suite] = [run_lm_eval(s, cfg.lm_eval) for s in subjects]
+        elif suite == "lm_eval":  # one run per (subject, policy, task), like the retrieval suites
+            results[suite] = []
+            for task in cfg.lm_eval.tasks:
+                for s, label, p in runs:
+                    with _scores(s, p):
+                        results[suite].append(_layout(out, cfg, suite, task, s, label, p, lambda: run_lm_eval(
+                            s, cfg.lm_eval, p, label, [task])))
     results["meta"] = _meta(cfg, subjects)
     results["meta"]["suites"] = names
     results["config"] = OmegaConf.to_container(cfg, resolve=True)
-    if out_dir is not None:
-        out = Path(out_dir)
+    if out is not None:
         results["plots"] = write_plots(results, out) if cfg.plots else []
+        results["summary"] = [str(p) for p in write_summary(out)]
         write_results(results, out)
     return results

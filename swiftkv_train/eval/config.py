@@ -133,6 +133,8 @@ class LmEvalConfig:
     seed: int = 0
     # Passed to the tasks, e.g. {data_file: /path/to/gsm8k.jsonl}.
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Override the generation tasks' generation_kwargs, e.g. {max_gen_toks: 64} (lm-eval's --gen_kwargs).
+    gen_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -49,8 +49,10 @@ def markdown(results: dict) -> str:
                   r.get("prefill_s_by_length", {}).get(lengths[-1]), r["accuracy"]]
                  + [r["by_length"].get(n) for n in lengths] for r in runs],
             )
-            depths = runs[0]["settings"]["depths_percent"]
-            lines += [f"Depths {depths} %, {runs[0]['settings']['samples']} sample(s) per cell.", ""]
+            settings = runs[0]["settings"]
+            mode = "query-aware (the question compressed with the context)" if settings.get("query_aware") else \
+                "question-independent (the policy compresses the context; the question is appended after)"
+            lines += [f"Depths {settings['depths_percent']} %, {settings['samples']} sample(s) per cell; {mode}.", ""]
     if results.get("lm_eval"):
         lines += ["## lm-evaluation-harness", ""]
         rows = []
@@ -58,8 +60,9 @@ def markdown(results: dict) -> str:
             for task, metrics in run["results"].items():
                 for name, value in metrics.items():
                     if "stderr" not in name and isinstance(value, (int, float)):
-                        rows.append([run["model"], task, name, value, run["n_samples"].get(task)])
-        lines += _table(["model", "task", "metric", "value", "docs"], rows)
+                        rows.append([run["model"], run.get("policy", "full"), task, name, value,
+                                     run["n_samples"].get(task)])
+        lines += _table(["model", "policy", "task", "metric", "value", "docs"], rows)
     if results.get("ruler"):
         from .ruler.report import markdown_lines
 
@@ -78,6 +81,10 @@ def markdown(results: dict) -> str:
         lines += [f"Memory: {results['efficiency'][0]['settings']['memory_method']}.", ""]
     if results.get("skipped"):
         lines += ["## Skipped", ""] + [f"- {k}: {v}" for k, v in results["skipped"].items()] + [""]
+    if results.get("summary"):
+        lines += ["## Results layout", "", "One directory per model / policy@ratio / task (predictions.jsonl, "
+                  "metrics.json, config.yaml); the table over all of them: "
+                  + ", ".join(f"[{Path(p).name}]({Path(p).name})" for p in results["summary"]), ""]
     if results.get("plots"):
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in results["plots"]] + [""]
     return "\n".join(lines)
