@@ -105,6 +105,13 @@ def test_resume_skips_finished_runs_and_refuses_changed_settings(tiny, essays, t
         evaluate(model, tok, "needle", out_dir=tmp_path, progress=False, plots=False,
                  needle={**needle(essays), "context_lengths": [320]}, policies=POLICIES)
     assert len(counted) == 3
+    # resume=false: run again and overwrite (a model whose weights changed under the same name)
+    redone = evaluate(model, tok, "needle", out_dir=tmp_path, progress=False, plots=False, resume=False,
+                      needle={**needle(essays), "context_lengths": [320]}, policies=POLICIES)
+    assert counted[3:] == ["full", "h2o@50%"]
+    config = yaml.safe_load((tmp_path / "model" / "full" / "needle" / "config.yaml").read_text())
+    assert config["needle"]["context_lengths"] == [320]
+    assert runs.load_run(tmp_path / "model" / "full" / "needle")["trials"] == redone["needle"][0]["trials"]
 
 
 def test_a_crash_leaves_no_metrics_and_the_run_is_redone(tiny, essays, tmp_path, counted, monkeypatch):

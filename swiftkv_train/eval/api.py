@@ -128,7 +128,7 @@ def _layout(out: Path | None, cfg, suite: str, task: str, subject: Subject, labe
     if out is None:
         return compute()
     config = _run_config(cfg, suite, task, subject, policy)
-    return run_or_resume(out, subject.name, label, task, config, compute)
+    return run_or_resume(out, subject.name, label, task, config, compute, resume=cfg.resume)
 
 
 def _preflight(cfg, names, runs, teacher_subject, out: Path | None = None) -> None:
@@ -155,7 +155,7 @@ def _preflight(cfg, names, runs, teacher_subject, out: Path | None = None) -> No
             check_ruler(subject, cfg.ruler)
     if "lm_eval" in names:
         check_policy_tasks(cfg.lm_eval, [label for _, label, p in runs if p is not None])
-    if out is not None:
+    if out is not None and cfg.resume:
         for suite, task, subject, label, policy in _planned(cfg, names, runs):
             check_resumable(run_dir(out, subject.name, label, task), _run_config(cfg, suite, task, subject, policy))
 
@@ -171,7 +171,7 @@ def evaluate(model, tokenizer, suites="fidelity", teacher=None, teacher_tokenize
     Cache policies (``policies.names``) apply to the generation suites (needle, passkey, efficiency, and lm-eval's
     generation tasks). With ``out_dir``, the needle, passkey and lm-eval runs also go to the results layout
     (eval/runs.py: ``out_dir/<model>/<policy>@<ratio>/<task>/``, one summary table); a run already there is read
-    back instead of run again.
+    back instead of run again (``resume=False``: run again and overwrite).
     """
     cfg = make_config(config, **overrides)
     names = parse_suites(suites)

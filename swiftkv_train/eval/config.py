@@ -180,6 +180,10 @@ class EvalConfig:
     progress: bool = True
     cpu_threads: int | None = None  # torch.set_num_threads on CPU (null = torch's default)
     plots: bool = True
+    # Results layout (eval/runs.py): skip each run whose out_dir/<model>/<policy>@<ratio>/<task>/metrics.json exists
+    # (and refuse one made with other settings); false = run everything again and overwrite (e.g. the same name
+    # for a model whose weights changed).
+    resume: bool = True
     # Convert the loaded model with a method on the fly (no training), with the training recipes' keys:
     # transform.name=<method> transform.<method>.<setting>=... (null = evaluate the model as loaded).
     transform: EvalTransformConfig = field(default_factory=EvalTransformConfig)

@@ -16,7 +16,8 @@ The contract (all a suite has to give; nothing here names a suite): a result dic
 
 `run_or_resume` is the one entry point: a run whose directory already holds metrics.json is not run again (it is
 read back: metrics.json + predictions.jsonl give the same dict), unless its config.yaml differs from the settings
-asked for, which is an error (`check_resumable`, called for every planned run before the first model call).
+asked for, which is an error (`check_resumable`, called for every planned run before the first model call);
+``resume=False`` (the eval setting ``resume=false``) runs it again and overwrites it.
 metrics.json is written last and atomically (a temporary file renamed over it), so its presence means the run
 completed: a crash leaves no metrics.json and the run is redone. `write_summary` reads every metrics.json under
 ``out_dir`` (this invocation's and earlier ones': a sweep split over several commands gets one table).
@@ -147,13 +148,14 @@ def _differences(a, b, prefix: str = "") -> list[str]:
 
 
 def run_or_resume(out_dir: str | Path, model: str, policy: str, task: str, config: dict,
-                  compute: Callable[[], dict]) -> dict:
+                  compute: Callable[[], dict], resume: bool = True) -> dict:
     """The run's result: read back if ``out_dir`` already has it complete ("skipping, exists"), else computed by
     ``compute()`` and saved. ``task`` (and ``model`` / ``policy``) name the directory; a result without a
-    ``task`` gets this one."""
+    ``task`` gets this one. ``resume=False``: always computed, and saved over what is there."""
     directory = run_dir(out_dir, model, policy, task)
-    check_resumable(directory, config)
-    done = load_run(directory)
+    if resume:
+        check_resumable(directory, config)
+    done = load_run(directory) if resume else None
     if done is not None:
         print(f"skipping, exists: {directory}")
         return done
