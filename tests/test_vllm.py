@@ -534,6 +534,51 @@ def test_exports_in_arctic_inference_layout(exports):
     assert expected - lean == teacher_only, sorted(expected - lean)
 
 
+# ---- Qwen2 / Qwen3 sources (issue 19) -------------------------------------------------------------------------------
+
+# family -> (M, g) on 6 layers: Qwen2 groups (2, 3), (4, 5); Qwen3 groups (3, 4), (5) (ragged)
+QWEN_SPLITS = {"qwen2": (2, 2), "qwen3": (3, 2)}
+# head_dim 64 (a size vLLM's CPU attention takes); Qwen3's q width (4 x 64) differs from its hidden size (128)
+QWEN_SHAPES = {"qwen2": dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1),
+               "qwen3": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=64)}
+
+
+@pytest.fixture(scope="module")
+def qwen_prompts():
+    import torch
+
+    gen = torch.Generator().manual_seed(7)
+    return [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (6, 19, 90, 33)]  # 90 > CHUNK
+
+
+@pytest.fixture(scope="module")
+def qwen_exports(tmp_path_factory):
+    """Lean SwiftKV exports of tiny random Qwen2 (q/k/v biases) and Qwen3 (q/k norms) models (byte tokenizer)."""
+    from swiftkv_train.export import save_hf
+    from swiftkv_train.methods.swiftkv import to_swiftkv
+    from swiftkv_train.models.tiny import byte_tokenizer, random_model
+
+    root = tmp_path_factory.mktemp("vllm_qwen")
+    made = {}
+    for family, (m, g) in QWEN_SPLITS.items():
+        source = random_model(f"tiny-{family}", seed=11, num_hidden_layers=6, intermediate_size=256,
+                              **QWEN_SHAPES[family])
+        made[family] = save_hf(to_swiftkv(source, m, g), byte_tokenizer(), root / family, lean=True)
+    return made
+
+
+@pytest.mark.parametrize("family", sorted(QWEN_SPLITS))
+def test_qwen_swiftkv_export_matches_transformers(family, qwen_exports, qwen_prompts, tmp_path_factory):
+    config = json.loads((qwen_exports[family] / "config.json").read_text())
+    assert config["architectures"] == [f"{family.capitalize()}SwiftKVForCausalLM"]
+    got = served(family, qwen_exports, qwen_prompts, tmp_path_factory)
+    want = transformers_greedy(qwen_exports[family], qwen_prompts)
+    assert got["tokens"] == want
+    assert len({t for tokens in want for t in tokens}) > 4  # generation varies: the comparison can fail
+    counts = got["token_counts"]  # the prefill skip ran (--kv-sharing-fast-prefill)
+    assert counts["later_layers_input"] < counts["all_layers_input"] / 2, counts
+
+
 # ---- refused before the engine starts, one message each -----------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,12 @@
-"""SwiftKV Llama for vLLM's V1 engine (``LlamaSwiftKVForCausalLM``), served through ``swiftkv_train.serving``.
+"""SwiftKV for vLLM's V1 engine (``LlamaSwiftKVForCausalLM``, ``Qwen2SwiftKVForCausalLM``,
+``Qwen3SwiftKVForCausalLM``), served through ``swiftkv_train.serving``.
 
 Imported only where vLLM is installed (the plugin registers it lazily, by name). Written against vLLM's public
 model interface (decoder layers, ``Attention`` with ``kv_sharing_target_layer_name``, the fast-prefill metadata of
 ``--kv-sharing-fast-prefill``), tested on vLLM 0.32 (CPU build). The same model as
 ``remote_code/modeling_llama_swiftkv.py`` in student mode:
 
-- layers ``< M`` are vLLM's own Llama decoder layers;
+- layers ``< M`` are vLLM's own decoder layers of the source family (Llama, Qwen2, Qwen3);
 - ``h_M`` (the residual stream entering layer M) gives, for every token of the step, the K/V of every AcrossKV
   group: ``k/v_proj_swiftkv(norm_swiftkv(h_M))`` of the group's leader, RoPE on K. They are written straight into
   the group's paged cache, which is owned by one cache-only attention layer per group
@@ -17,8 +18,9 @@ model interface (decoder layers, ``Attention`` with ``kv_sharing_target_layer_na
   it they run on every token (same logits at the sampled positions, no skip).
 
 Weights: the names of our exports and of the published SwiftKV checkpoints (``model.norm_swiftkv``,
-``self_attn.{q,k,v}_proj_swiftkv``). A full export's original q/k/v of the later layers (the teacher's) are not
-needed by the served student and are skipped.
+``self_attn.{q,k,v}_proj_swiftkv``; Qwen3: ``self_attn.q_norm_swiftkv`` per later layer, ``self_attn.k_norm_swiftkv``
+per group, per-head RMSNorms before RoPE; Qwen2: q/k/v with bias). A full export's original q/k/v (and q/k norms) of
+the later layers (the teacher's) are not needed by the served student and are skipped.
 """
 
 from __future__ import annotations
@@ -41,12 +43,15 @@ from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaMLP
+from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer
+from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer
 from vllm.distributed import get_tensor_model_parallel_world_size
 
 logger = init_logger(__name__)
 
-MODEL_TYPE = "llama_swiftkv"
-ARCHITECTURE = "LlamaSwiftKVForCausalLM"
+# model_type -> the architecture that serves it (one per source family)
+ARCHITECTURES = {"llama_swiftkv": "LlamaSwiftKVForCausalLM", "qwen2_swiftkv": "Qwen2SwiftKVForCausalLM",
+                 "qwen3_swiftkv": "Qwen3SwiftKVForCausalLM"}
 
 
 class SwiftKVServingError(ValueError):
@@ -102,10 +107,10 @@ def check_export(config, model_dir: str | Path | None = None) -> None:
     """Refuse, with one message, what this model cannot serve: another model type, an impossible layer split, or
     (for a local directory) a ``key_value_group_size`` that does not match the K/V projections in the weights."""
     model_type = getattr(config, "model_type", None)
-    if model_type != MODEL_TYPE:
+    if model_type not in ARCHITECTURES:
         raise SwiftKVServingError(
-            f"{ARCHITECTURE} serves model_type {MODEL_TYPE!r} exports only; this config has model_type "
-            f"{model_type!r}. Serve an unconverted Llama with vLLM's own LlamaForCausalLM."
+            f"swiftkv_train's vLLM models serve model_type {', '.join(map(repr, ARCHITECTURES))} exports only; this "
+            f"config has model_type {model_type!r}. Serve an unconverted model with vLLM's own classes."
         )
     layers, m, g = layer_split(config)
     if model_dir is None or not Path(model_dir).is_dir():
@@ -151,9 +156,25 @@ class SwiftKVCacheOwner(nn.Module):
                                 value.view(-1, attn.num_kv_heads, attn.head_size_v), attn.layer_name)
 
 
+def source_family(config) -> str:
+    """"llama", "qwen2" or "qwen3": the config class says (``source_family``, see transformers_compat.py)."""
+    return getattr(config, "source_family", "llama")
+
+
+def early_layer(vllm_config: VllmConfig, prefix: str) -> nn.Module:
+    """vLLM's own decoder layer of the source family (a layer < M is the source's, unchanged)."""
+    family = source_family(vllm_config.model_config.hf_config)
+    if family == "llama":
+        return LlamaDecoderLayer(vllm_config=vllm_config, prefix=prefix)
+    layer_class = Qwen2DecoderLayer if family == "qwen2" else Qwen3DecoderLayer
+    return layer_class(vllm_config.model_config.hf_config, vllm_config.cache_config, vllm_config.quant_config,
+                       prefix=prefix)
+
+
 class SwiftKVAttention(nn.Module):
     """A later layer's attention: its own query (``q_proj_swiftkv``) over its group's shared cache; the group
-    leader also holds the group's K/V projection (``kv_proj_swiftkv`` = [k_proj_swiftkv; v_proj_swiftkv])."""
+    leader also holds the group's K/V projection (``kv_proj_swiftkv`` = [k_proj_swiftkv; v_proj_swiftkv]). Qwen2:
+    q/k/v with bias (o_proj without); Qwen3: per-head ``q_norm_swiftkv`` / ``k_norm_swiftkv`` before RoPE."""
 
     def __init__(self, vllm_config: VllmConfig, layer_idx: int, prefix: str, cache_name: str, leader: bool):
         super().__init__()
@@ -167,17 +188,24 @@ class SwiftKVAttention(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.total_num_heads
         self.kv_size = self.num_kv_heads * self.head_dim
         bias = getattr(config, "attention_bias", False) or getattr(config, "bias", False)
+        family = source_family(config)
+        qkv_bias = bias or family == "qwen2"
 
         self.q_proj_swiftkv = ColumnParallelLinear(
-            config.hidden_size, self.total_num_heads * self.head_dim, bias=bias, gather_output=False,
+            config.hidden_size, self.total_num_heads * self.head_dim, bias=qkv_bias, gather_output=False,
             quant_config=quant_config, prefix=f"{prefix}.q_proj_swiftkv",
         )
+        self.q_norm_swiftkv = self.k_norm_swiftkv = None
+        if family == "qwen3":
+            self.q_norm_swiftkv = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         if leader:
             self.kv_proj_swiftkv = QKVParallelLinear(
                 hidden_size=config.hidden_size, head_size=self.head_dim, total_num_heads=0,
-                total_num_kv_heads=self.total_num_kv_heads, bias=bias, quant_config=quant_config,
+                total_num_kv_heads=self.total_num_kv_heads, bias=qkv_bias, quant_config=quant_config,
                 prefix=f"{prefix}.kv_proj_swiftkv",
             )
+            if family == "qwen3":
+                self.k_norm_swiftkv = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.o_proj = RowParallelLinear(
             self.total_num_heads * self.head_dim, config.hidden_size, bias=bias, quant_config=quant_config,
             prefix=f"{prefix}.o_proj",
@@ -192,23 +220,30 @@ class SwiftKVAttention(nn.Module):
             kv_sharing_target_layer_name=cache_name,
         )
 
+    def _per_head(self, norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        """Qwen3's per-head RMSNorm on [tokens, heads * head_dim] (identity without a norm)."""
+        if norm is None:
+            return x
+        return norm(x.reshape(*x.shape[:-1], -1, self.head_dim).contiguous()).view(x.shape)
+
     def key_value(self, positions: torch.Tensor, kv_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K (RoPE applied) and V of this group for ``kv_input = norm_swiftkv(h_M)``, each [tokens, kv_size]."""
+        """K (per-head normed for Qwen3, RoPE applied) and V of this group for ``kv_input = norm_swiftkv(h_M)``,
+        each [tokens, kv_size]."""
         kv, _ = self.kv_proj_swiftkv(kv_input)
         key, value = kv.split([self.kv_size, self.kv_size], dim=-1)
-        key, _ = self.rotary_emb(positions, key.contiguous())
+        key, _ = self.rotary_emb(positions, self._per_head(self.k_norm_swiftkv, key.contiguous()))
         return key, value.contiguous()
 
     def forward(self, positions, hidden_states, key, value):
         query, _ = self.q_proj_swiftkv(hidden_states)
-        query, _ = self.rotary_emb(positions, query)
+        query, _ = self.rotary_emb(positions, self._per_head(self.q_norm_swiftkv, query))
         out = self.attn(query, key, value)  # a KV-sharing layer: reads the group's cache, writes nothing
         out, _ = self.o_proj(out)
         return out
 
 
 class SwiftKVDecoderLayer(nn.Module):
-    """A later layer (``>= M``): Llama's layer with SwiftKV attention."""
+    """A later layer (``>= M``): Llama's layer (the same for Qwen2 / Qwen3) with SwiftKV attention."""
 
     def __init__(self, vllm_config: VllmConfig, layer_idx: int, prefix: str, cache_name: str, leader: bool):
         super().__init__()
@@ -255,7 +290,7 @@ class LlamaSwiftKVModel(nn.Module):
         self.num_layers, self.num_key_value_layers, self.group_size = layers, m, g
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
                                                    quant_config=vllm_config.quant_config)
-        early = [LlamaDecoderLayer(vllm_config=vllm_config, prefix=f"{prefix}.layers.{i}") for i in range(m)]
+        early = [early_layer(vllm_config, f"{prefix}.layers.{i}") for i in range(m)]
         self.leaders = list(range(m, layers, g))
         # Every group's cache owner is built before any later layer: then all later attention layers come last in
         # vLLM's layer order and all are KV-sharing, so all are eligible for --kv-sharing-fast-prefill.
@@ -331,8 +366,13 @@ def token_counts(model: nn.Module) -> dict | None:
     return dict(counts) if counts is not None else None
 
 
+# A later layer's weights only the teacher uses (a full export holds them).
+TEACHER_ONLY = ("q_proj", "k_proj", "v_proj", "q_norm", "k_norm")
+
+
 class LlamaSwiftKVForCausalLM(nn.Module):
-    """vLLM's entry class for ``architectures: ["LlamaSwiftKVForCausalLM"]`` (lean and full exports)."""
+    """vLLM's entry class for ``architectures: ["LlamaSwiftKVForCausalLM"]`` (lean and full exports); the Qwen2 /
+    Qwen3 ones below are the same class (the config's family picks the layers)."""
 
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
@@ -346,7 +386,7 @@ class LlamaSwiftKVForCausalLM(nn.Module):
         self.config = config
         if not getattr(config, "swiftkv", True):
             logger.info("%s: config.swiftkv is False (teacher mode in transformers); vLLM serves the SwiftKV "
-                        "student, the original later-layer projections are not loaded", ARCHITECTURE)
+                        "student, the original later-layer projections are not loaded", type(self).__name__)
         self.model = LlamaSwiftKVModel(vllm_config=vllm_config, prefix=f"{prefix}.model" if prefix else "model")
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
                                       prefix=f"{prefix}.lm_head" if prefix else "lm_head")
@@ -365,7 +405,7 @@ class LlamaSwiftKVForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None) -> torch.Tensor:
         if intermediate_tensors is not None:
-            raise NotImplementedError(f"{ARCHITECTURE} does not support pipeline parallelism")
+            raise NotImplementedError(f"{type(self).__name__} does not support pipeline parallelism")
         return self.model(input_ids, positions, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
@@ -387,8 +427,8 @@ class LlamaSwiftKVForCausalLM(nn.Module):
             if name.startswith("lm_head.") and config.tie_word_embeddings:
                 continue
             layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
-            if layer is not None and layer >= m and any(f".self_attn.{p}." in name for p in ("q_proj", "k_proj", "v_proj")):
-                continue  # a full export's original (teacher) projections of a later layer: not served
+            if layer is not None and layer >= m and any(f".self_attn.{p}." in name for p in TEACHER_ONLY):
+                continue  # a full export's original (teacher) projections / norms of a later layer: not served
             for param_name, weight_name, shard in stacked:
                 if weight_name not in name:
                     continue
@@ -413,3 +453,11 @@ class LlamaSwiftKVForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             loaded |= {n for n in params if n.startswith("lm_head.")}
         return loaded
+
+
+class Qwen2SwiftKVForCausalLM(LlamaSwiftKVForCausalLM):
+    """``architectures: ["Qwen2SwiftKVForCausalLM"]``: a Qwen2 / Qwen2.5 source's SwiftKV export."""
+
+
+class Qwen3SwiftKVForCausalLM(LlamaSwiftKVForCausalLM):
+    """``architectures: ["Qwen3SwiftKVForCausalLM"]``: a Qwen3 source's SwiftKV export."""
