@@ -102,7 +102,7 @@ def ruler_heatmap(results: list[dict], path: Path) -> str:
     fig, axes = plt.subplots(1, len(runs), figsize=(1.0 * len(lengths) * len(runs) + 2.5 * len(runs) + 1,
                                                     0.32 * len(tasks) + 1.8), squeeze=False)
     image = None
-    for ax, ((model, policy), rows) in zip(axes[0], runs.items()):
+    for panel, (ax, ((model, policy), rows)) in enumerate(zip(axes[0], runs.items())):
         by_task = {r["task"]: r["by_length"] for r in rows}
         matrix = [[_number(by_task.get(t, {}).get(str(n))) for n in lengths] for t in tasks]
         image = ax.imshow(matrix, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
@@ -111,7 +111,7 @@ def ruler_heatmap(results: list[dict], path: Path) -> str:
                 if value == value:  # not NaN
                     ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
-        ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
+        ax.set_yticks(range(len(tasks)), tasks if panel == 0 else [""] * len(tasks), fontsize=7)  # rows shared
         ax.set(xlabel="length (tokens)", title=model if policy == "full" else f"{model} / {policy}")
         ax.title.set_fontsize(8)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="score (0-100)")
