@@ -379,6 +379,16 @@ def test_suite_end_to_end_full_cache_matches_transformers_and_snapkv_compresses_
     assert full["trials"][0]["output"] == tok.decode(reference, skip_special_tokens=True).strip()
     assert (tmp_path / "out" / "ruler_heatmap.png").stat().st_size > 0
     assert (tmp_path / "out" / "ruler_score_vs_ratio.png").stat().st_size > 0
+    # one run directory per (model, policy@ratio, task); a second invocation reads them back instead of running
+    run = tmp_path / "out" / "model" / "snapkv@4x" / "fwe"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["score"] == pytest.approx(runs[3]["score"]) and metrics["compression_ratio"] > 0.74
+    assert len((run / "predictions.jsonl").read_text().splitlines()) == 4
+    (run / "metrics.json").write_text(json.dumps({**metrics, "score": 12.5}))  # marks the saved run
+    again = evaluate(model, tok, "ruler", progress=False, ruler=ruler, out_dir=tmp_path / "out",
+                     policies={"names": ["snapkv"], "budget": "4x"})["ruler"]
+    assert [r["score"] for r in again] == [r["score"] for r in runs[:3]] + [12.5]
+    assert [t["output"] for t in again[3]["trials"]] == [t["output"] for t in runs[3]["trials"]]
 
 
 def test_plot_script_reads_results_of_several_runs(tmp_path):
