@@ -324,6 +324,31 @@ def test_qa_documents(res, qa_files):
     assert "Museum\nThe Lumen museum is in Paris." in text
 
 
+def test_qa_official_files_read_as_the_hub_rows(qa_files, tmp_path):
+    """RULER downloads dev-v2.0.json and hotpot_dev_distractor_v1.json: they give the same questions and documents
+    as the Hub datasets' rows (the .jsonl fixtures)."""
+    from swiftkv_train.eval.ruler.qa import load_qa
+
+    rows = [json.loads(line) for line in qa_files["squad"].read_text().splitlines()]
+    articles = {}
+    for r in rows:
+        paragraphs = articles.setdefault(r["title"], {})
+        paragraphs.setdefault(r["context"], []).append(
+            {"question": r["question"], "answers": [{"text": t} for t in r["answers"]["text"]],
+             "is_impossible": not r["answers"]["text"]})
+    official = {"data": [{"title": t, "paragraphs": [{"context": c, "qas": q} for c, q in ps.items()]}
+                         for t, ps in articles.items()]}
+    (tmp_path / "squad.json").write_text(json.dumps(official))
+    assert load_qa("squad", str(tmp_path / "squad.json")) == load_qa("squad", str(qa_files["squad"]))
+    hot = [json.loads(line) for line in qa_files["hotpotqa"].read_text().splitlines()]
+    for r in hot:
+        r["context"] = [[t, s] for t, s in zip(r["context"]["title"], r["context"]["sentences"])]
+    (tmp_path / "hotpot.json").write_text(json.dumps(hot))
+    data = load_qa("hotpotqa", str(tmp_path / "hotpot.json"))
+    assert data == load_qa("hotpotqa", str(qa_files["hotpotqa"]))
+    assert [q["outputs"] for q in data.questions] == [["Paris"], ["Tom"]] and len(data.docs) == 4
+
+
 # --- cache -----------------------------------------------------------------------------------------------------
 
 def test_samples_are_cached_on_disk_and_keyed_by_settings(res, tmp_path, monkeypatch):
