@@ -48,7 +48,8 @@ from swiftkv_train.models import load_pretrained  # noqa: E402
 def forward_flops_per_token(config, context: int) -> float:
     """2 x matmul parameters (layers + lm_head) + attention (QK^T and AV) at the average causal context."""
     h, layers = config.hidden_size, config.num_hidden_layers
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads  # Qwen2: none
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     params = layers * (h * (2 * q + 2 * kv) + 3 * h * config.intermediate_size)
     return 2 * params + layers * 4 * q * context / 2  # + lm_head at one position only (logits_to_keep=1)
 
@@ -62,7 +63,7 @@ class Bench:
         self.model, _ = load_pretrained(f"random:{args.preset}", dtype=args.dtype, device=self.device)
         cfg = self.model.config
         self.cfg = cfg
-        self.head_dim = getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         m = args.num_key_value_layers
         self.groups = [int(g) for g in args.group_sizes.split(",")]
         fused = to_swiftkv(self.model, m, 1).eval().swiftkv(False)
