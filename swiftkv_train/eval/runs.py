@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import re
 import tempfile
@@ -37,6 +36,7 @@ from typing import Callable
 import yaml
 
 from ..errors import SwiftKVInputError
+from .report import _json_safe
 
 __all__ = ["run_dir", "run_or_resume", "check_resumable", "load_run", "save_run", "summary_rows", "write_summary",
            "headline"]
@@ -70,16 +70,6 @@ def headline(result: dict) -> tuple[str, float | None]:
     trials = result.get("trials") or []
     key = "score" if any("score" in t for t in trials) else "correct"
     return result.get("metric") or ("score" if key == "score" else "accuracy"), _mean(t.get(key) for t in trials)
-
-
-def _json_safe(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def _write_atomic(path: Path, text: str) -> None:
