@@ -314,6 +314,21 @@ def test_evaluation_harness_runs_at_the_end_of_training(tmp_path):
     assert fidelity["tokens"] == 2 * 255 and fidelity["kl"] > 0  # the student (M=2 of 4) differs from its teacher
 
 
+def test_harness_reruns_its_suites_after_training_unless_told(tmp_path, monkeypatch):
+    """The weights under a run's name change with each training run: results left in <run_dir>/eval by an earlier
+    run must not be skipped as done (eval.runs resume), unless trainer.harness.resume=true asks for it."""
+    import swiftkv_train.eval.api as api
+
+    calls = []
+    monkeypatch.setattr(api, "evaluate", lambda *args, **kwargs: calls.append(kwargs))
+    common = ("trainer.max_steps=1", "trainer.export=none", "trainer.eval_at_start=false",
+              "trainer.harness_suites=[needle]")
+    run_training(make_cfg(tmp_path / "run", *common))
+    run_training(make_cfg(tmp_path / "run2", *common, "+trainer.harness.resume=true"))
+    assert [c["resume"] for c in calls] == [False, True]
+    assert all(str(c["out_dir"]).endswith("eval") for c in calls)
+
+
 def test_varlen_attention_trains_like_sdpa_on_packed_rows(tmp_path):
     """model.attn_implementation=varlen (documents of packed rows attended separately) gives SDPA's losses."""
     run_training(make_cfg(tmp_path / "sdpa", "trainer.max_steps=2", "trainer.export=none"))

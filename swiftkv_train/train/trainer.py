@@ -377,8 +377,11 @@ class Trainer:
         model = self.engine.module.eval()
         teacher = "self" if mode_switch(model) is not None else None
         out = self.run_dir / "eval"
+        # The weights under this run's name change with every (resumed) training run: results already in out_dir
+        # are stale, so the harness runs everything again unless trainer.harness.resume=true says otherwise.
+        settings = {"resume": False, **OmegaConf.to_container(self.cfg.trainer.harness, resolve=True)}
         evaluate(model, self.tokenizer, list(self.cfg.trainer.harness_suites), teacher=teacher, out_dir=out,
-                 model_name=self.cfg.run_name, **OmegaConf.to_container(self.cfg.trainer.harness, resolve=True))
+                 model_name=self.cfg.run_name, **settings)
         log.info("evaluation harness results in %s", out)
         return str(out / "results.json")
 
