@@ -111,7 +111,8 @@ def test_bad_ridge_and_bias_are_refused():
     base, _ = load_pretrained("random:tiny-7l", dtype=torch.float32)
     with pytest.raises(SwiftKVInputError, match="kv_init_ridge"):
         least_squares_kv_init(to_swiftkv(base, 2, 1), batches_of([40] * 4), ridge=-1.0)
-    student = to_swiftkv(base, 2, 1)
-    student.config.attention_bias = True
+    biased, _ = load_pretrained("random:tiny-qwen2", dtype=torch.float32)  # Qwen2: k/v projections with a bias
+    student = to_swiftkv(biased, 2, 1)
+    assert student.model.layers[2].self_attn.k_proj_swiftkv.bias is not None
     with pytest.raises(SwiftKVInputError, match="bias"):
         least_squares_kv_init(student, batches_of([40] * 4))
