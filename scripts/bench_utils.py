@@ -76,23 +76,7 @@ def sync(device):
 
 def median_ms(fn, device, warmup=3, repeats=10) -> float:
     """Median milliseconds of ``fn()`` (CUDA events on GPU, perf_counter on CPU), after warm-up."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(samples_s(fn, device, warmup, repeats)) * 1e3
 
 
 def samples_s(fn, device, warmup: int, repeats: int) -> list[float]:
